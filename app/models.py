@@ -298,3 +298,53 @@ class OrderEvent(Model):
     reason: str | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
     at: datetime
+
+
+# --------------------------------------------------------------------------------------
+# Fills applied to orders, and positions
+# --------------------------------------------------------------------------------------
+
+
+class Execution(Model):
+    """A fill applied to its order: a record of the derived topic ``executions``."""
+
+    execution_id: str  # f"{order_id}:{deal}" - deterministic
+    order_id: str
+    signal_id: str
+    account: str
+    symbol: str
+    side: Side
+    deal: int
+    ticket: int | None = None
+    price: float
+    volume: float
+    expected_price: float
+    slippage_pips: float  # this fill vs expected_price, + = adverse
+    cumulative_volume: float  # order's filled volume after this fill
+    avg_fill_price: float  # order's VWAP after this fill
+    order_state: OrderState  # order's state after this fill
+    time: datetime  # broker deal time
+
+
+class Position(Model):
+    """Net position per account and symbol: the ``positions`` table (key ``{account}:{symbol}``)."""
+
+    account: str
+    symbol: str
+    net_volume: float = 0.0  # lots, + long / - short
+    avg_open_price: float | None = None  # of the open net volume; None when flat
+    realized_pnl_price: float = 0.0  # sum of (close - open) x lots x direction: price terms
+    realized_pnl: float = 0.0  # realized_pnl_price x contract_size: quote (account) currency
+    fills: int = 0
+    last_deal: int | None = None
+    deals: tuple[int, ...] = ()  # recent deal tickets applied (bounded): dedupe on replay
+    version: int = 0
+    updated_at: datetime
+
+    @property
+    def key(self) -> str:
+        return position_key(self.account, self.symbol)
+
+
+def position_key(account: str, symbol: str) -> str:
+    return f"{account}:{symbol}"
