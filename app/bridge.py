@@ -1,0 +1,251 @@
+"""NATS JetStream → Kafka bridge: a small table of routes.
+
+Each route is a JetStream stream (created if absent) read by a durable pull consumer. Every
+message is validated with the route's model and produced to the route's Kafka topic, keyed
+by the route's key; the NATS message is acknowledged only after Kafka acknowledged the write
+(acks=all), so a crash anywhere means redelivery, never loss.  Duplicates are possible (a
+crash between the Kafka ack and the NATS ack) and are removed downstream by the order
+agents' dedupe tables.
+
+Invalid messages go to the route's dead-letter topic with the original bytes as the value
+and the subject and reason as headers, and are then acknowledged.  A message whose subject
+is outside the route's filter is never forwarded (defence in depth: the consumer's filter
+subject already excludes it, e.g. ``signals.rejected.>``).
+
+On SIGTERM the bridge stops fetching, finishes the batch in flight (produce, then ack), and
+closes its clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import nats
+from aiokafka import AIOKafkaProducer
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+from pydantic import BaseModel
+
+from app.models import ApprovedSignal, DecodeError, Fill, from_json
+from app.settings import Settings
+from app.topics import FILLS, FILLS_DLQ, SIGNALS_APPROVED, SIGNALS_DLQ, ensure_topics
+
+log = logging.getLogger("execution.bridge")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One subject → topic forwarding rule."""
+
+    name: str  # also the durable consumer name
+    stream: str  # JetStream stream that captures the subjects
+    subject: str  # filter subject, e.g. "signals.approved.>"
+    topic: str
+    dlq_topic: str
+    model: type[BaseModel]
+    key: Callable[[BaseModel], str]
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        name="bridge-signals-approved",
+        stream="SIGNALS_APPROVED",
+        subject="signals.approved.>",
+        topic=SIGNALS_APPROVED,
+        dlq_topic=SIGNALS_DLQ,
+        model=ApprovedSignal,
+        key=lambda s: s.signal_id,  # type: ignore[attr-defined]
+    ),
+    Route(
+        name="bridge-mt5-fills",
+        stream="MT5_FILLS",
+        subject="mt5.fills.>",
+        topic=FILLS,
+        dlq_topic=FILLS_DLQ,
+        model=Fill,
+        key=lambda f: f.order_id,  # type: ignore[attr-defined]
+    ),
+)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` one or more trailing tokens."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+@dataclass
+class BridgeStats:
+    forwarded: Counter = field(default_factory=Counter)
+    dead_lettered: Counter = field(default_factory=Counter)
+    produce_retries: int = 0
+
+
+class Bridge:
+    def __init__(
+        self,
+        settings: Settings,
+        routes: tuple[Route, ...] = ROUTES,
+        *,
+        batch_size: int = 256,
+        fetch_timeout: float = 1.0,
+        ack_wait: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.routes = routes
+        self.batch_size = batch_size
+        self.fetch_timeout = fetch_timeout
+        self.ack_wait = ack_wait
+        self.stats = BridgeStats()
+        self._stopping = asyncio.Event()
+        self._nc: nats.NATS | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._subs: list = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        await ensure_topics(self.settings, sorted({r.topic for r in self.routes} | {r.dlq_topic for r in self.routes}))
+        self._producer = AIOKafkaProducer(**self.settings.producer_options(), enable_idempotence=False)
+        await self._producer.start()
+        self._nc = await nats.connect(**self.settings.nats_options(), max_reconnect_attempts=-1)
+        js = self._nc.jetstream()
+        for route in self.routes:
+            await ensure_stream(js, route.stream, [route.subject])
+            sub = await js.pull_subscribe(
+                route.subject,
+                durable=route.name,
+                stream=route.stream,
+                config=ConsumerConfig(
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_wait=self.ack_wait,
+                    max_ack_pending=self.batch_size * 4,
+                    filter_subject=route.subject,
+                ),
+            )
+            self._subs.append(sub)
+            self._tasks.append(asyncio.create_task(self._run_route(route, sub), name=route.name))
+        log.info("bridge started: %s", ", ".join(f"{r.subject} -> {r.topic}" for r in self.routes))
+
+    async def wait(self) -> None:
+        await asyncio.gather(*self._tasks)
+
+    async def stop(self) -> None:
+        """Drain: finish the batch in flight, then close."""
+        self._stopping.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Every fetched batch is produced and acked by now; pull subscriptions hold no
+        # pushed messages, so a plain close is a complete drain (nats drain() would wait
+        # for its own timeout on pull subscriptions).
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
+        if self._producer is not None:
+            await self._producer.stop()
+        log.info("bridge stopped: forwarded=%s dead_lettered=%s", dict(self.stats.forwarded), dict(self.stats.dead_lettered))
+
+    # -- the loop ------------------------------------------------------------------------
+    async def _run_route(self, route: Route, sub) -> None:
+        while not self._stopping.is_set():
+            try:
+                msgs = await sub.fetch(self.batch_size, timeout=self.fetch_timeout)
+            except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                continue
+            except Exception as exc:  # disconnected, reconnecting: keep going
+                if self._stopping.is_set():
+                    break
+                log.warning("%s: fetch failed (%s); retrying", route.name, exc)
+                await asyncio.sleep(0.5)
+                continue
+            await self._forward(route, msgs)
+
+    async def _forward(self, route: Route, msgs: list) -> None:
+        """Produce the whole batch, wait for every Kafka ack, then ack every NATS message."""
+        backoff = 0.1
+        while True:
+            try:
+                futures = [await self._produce(route, m) for m in msgs]
+                await asyncio.gather(*futures)
+                break
+            except Exception as exc:
+                # Kafka unavailable: keep the batch (re-producing is safe, duplicates are
+                # deduped downstream), tell NATS we are still working on it, back off.
+                self.stats.produce_retries += 1
+                log.warning("%s: produce failed (%s); retrying in %.1fs", route.name, exc, backoff)
+                for m in msgs:
+                    try:
+                        await m.in_progress()
+                    except Exception:
+                        pass
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        for m in msgs:
+            await m.ack()
+
+    async def _produce(self, route: Route, msg) -> asyncio.Future:
+        assert self._producer is not None
+        if not subject_matches(route.subject, msg.subject):
+            return await self._dead_letter(route, msg, f"subject {msg.subject} is not routed by {route.subject}")
+        try:
+            model = from_json(route.model, msg.data)
+        except DecodeError as exc:
+            return await self._dead_letter(route, msg, exc.reason)
+        self.stats.forwarded[route.topic] += 1
+        return await self._producer.send(route.topic, msg.data, key=route.key(model).encode())
+
+    async def _dead_letter(self, route: Route, msg, reason: str) -> asyncio.Future:
+        assert self._producer is not None
+        self.stats.dead_lettered[route.dlq_topic] += 1
+        log.info("%s: dead letter from %s: %s", route.name, msg.subject, reason)
+        headers = [
+            ("reason", reason.encode()),
+            ("subject", msg.subject.encode()),
+            ("route", route.name.encode()),
+        ]
+        return await self._producer.send(route.dlq_topic, msg.data, headers=headers)
+
+
+async def ensure_stream(js, name: str, subjects: list[str]) -> None:
+    """Create the JetStream stream if absent; never widen or narrow an existing one."""
+    try:
+        await js.stream_info(name)
+    except NotFoundError:
+        await js.add_stream(
+            StreamConfig(
+                name=name,
+                subjects=subjects,
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=7 * 24 * 3600,
+                duplicate_window=120,
+            )
+        )
+
+
+async def run_bridge(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    bridge = Bridge(settings)
+    await bridge.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining")
+    await bridge.stop()

@@ -1,0 +1,114 @@
+"""``execution``: the one command of the service.
+
+    execution up        run the local stack (Tansu + nats-server) in the foreground
+    execution bridge    NATS signals.approved.> / mt5.fills.> -> Kafka
+    execution worker    the Faust worker (agents, tables, web on :8012)
+    execution sim       the MT5 broker simulator
+    execution demo      the end-to-end demo on the embedded defaults
+    execution settings  print the effective settings (secrets masked)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from app.local import LocalStack
+
+    stack = LocalStack().start()
+    print(f"kafka: {stack.kafka_url}\nnats:  {stack.nats_url}\nlogs:  {stack.workdir}", flush=True)
+    print("export " + " ".join(f"{k}={v}" for k, v in stack.env().items()), flush=True)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        stack.stop()
+    return 0
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from app.bridge import run_bridge
+    from app.settings import get_settings
+
+    asyncio.run(run_bridge(get_settings()))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from app.main import app
+
+    argv = ["execution", "worker", "-l", args.log_level]
+    if args.web_port:
+        argv += ["--web-port", str(args.web_port)]
+    sys.argv = argv
+    app.main()
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from app.mt5.simulator import run_simulator
+    from app.settings import get_settings
+
+    asyncio.run(run_simulator(get_settings(), seed=args.seed))
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    from app.settings import get_settings
+
+    print(json.dumps(get_settings().describe(), indent=2, default=str))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from app.demo import run_demo
+
+    return run_demo(signals=args.signals, rate=args.rate, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="execution", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default=os.environ.get("EXECUTION_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run Tansu + nats-server locally").set_defaults(func=cmd_up)
+    sub.add_parser("bridge", help="NATS -> Kafka bridge").set_defaults(func=cmd_bridge)
+    w = sub.add_parser("worker", help="Faust worker")
+    w.add_argument("--web-port", type=int, default=None)
+    w.set_defaults(func=cmd_worker)
+    s = sub.add_parser("sim", help="MT5 broker simulator")
+    s.add_argument("--seed", type=int, default=7)
+    s.set_defaults(func=cmd_sim)
+    d = sub.add_parser("demo", help="end-to-end demo on the embedded defaults")
+    d.add_argument("--signals", type=int, default=300)
+    d.add_argument("--rate", type=float, default=200.0, help="signals per second")
+    d.add_argument("--seed", type=int, default=42)
+    d.set_defaults(func=cmd_demo)
+    sub.add_parser("settings", help="print effective settings").set_defaults(func=cmd_settings)
+    args = parser.parse_args(argv)
+    if args.command != "worker":
+        _logging(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
