@@ -6,63 +6,11 @@ import asyncio
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import nats
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from app.settings import Settings
-
-
-@dataclass
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: dict[str, bytes]
-
-
-async def read_topic(
-    settings: Settings, topic: str, *, expect: int | None = None, timeout: float = 30.0, idle: float = 1.5
-) -> list[Record]:
-    """Every record of a topic from the beginning (no consumer group).
-
-    Stops when ``expect`` records were read and nothing more arrived for ``idle`` seconds
-    (so a surplus shows up), or at ``timeout``.
-    """
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        deadline = time.monotonic() + 10
-        while not partitions and time.monotonic() < deadline:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic)
-            if not partitions:
-                await asyncio.sleep(0.2)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions or ())]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        out: list[Record] = []
-        deadline = time.monotonic() + timeout
-        last_new = time.monotonic()
-        while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            n = 0
-            for tp, msgs in batch.items():
-                for m in msgs:
-                    out.append(Record(m.topic, m.partition, m.offset, m.key, m.value, dict(m.headers or ())))
-                    n += 1
-            if n:
-                last_new = time.monotonic()
-            elif (expect is None or len(out) >= expect) and time.monotonic() - last_new > idle:
-                break
-        return out
-    finally:
-        await consumer.stop()
+from app.kafka_io import Record, read_topic, topic_counts  # noqa: F401 (re-exported for tests)
 
 
 async def publish(

@@ -109,8 +109,8 @@ async def test_each_malformed_case_names_its_field(settings, stack):
 
 async def test_rejected_signals_never_reach_kafka(settings, stack):
     rng = random.Random(3)
-    rejected = [(f"signals.rejected.EURUSD", orjson.dumps(signal_dict(f"rej-{i}", rng, symbol="EURUSD"))) for i in range(20)]
-    approved = [(f"signals.approved.EURUSD", orjson.dumps(signal_dict(f"ok-{i}", rng, symbol="EURUSD"))) for i in range(5)]
+    rejected = [("signals.rejected.EURUSD", orjson.dumps(signal_dict(f"rej-{i}", rng, symbol="EURUSD"))) for i in range(20)]
+    approved = [("signals.approved.EURUSD", orjson.dumps(signal_dict(f"ok-{i}", rng, symbol="EURUSD"))) for i in range(5)]
     bridge = Bridge(settings)
     await bridge.start()
     try:
