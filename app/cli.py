@@ -55,6 +55,10 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from app.settings import get_settings
+    from app.topics import ensure_topics
+
+    asyncio.run(ensure_topics(get_settings()))
     from app.main import app
 
     argv = ["execution", "worker", "-l", args.log_level]

@@ -41,11 +41,27 @@ class PositionReconciliation(_Section):
     auto_correct_discrepancies: bool = False
 
 
+class Submission(_Section):
+    """How orders are sent and watched (not in the seed; these are the service's defaults)."""
+
+    #: Wait this long for the connector's reply to a submit before treating it as no reply.
+    reply_timeout_seconds: float = Field(2, gt=0, le=60)
+    #: Resends after no reply or an unknown-outcome retcode (the broker is asked first).
+    submit_retries: int = Field(2, ge=0, le=10)
+    #: Resends at the broker's new price after a requote / price change.
+    max_requotes: int = Field(2, ge=0, le=10)
+    #: An order PENDING or SUBMITTED this long without news is asked about at the broker,
+    #: and marked FAILED with reason ``timeout`` if the broker does not know it.
+    stuck_order_timeout_seconds: float = Field(60, gt=0)
+    stuck_check_interval_seconds: float = Field(5, gt=0)
+
+
 class Operational(_Section):
     order_defaults: OrderDefaults = OrderDefaults()
     idempotency: Idempotency = Idempotency()
     fill_tracking: FillTracking = FillTracking()
     position_reconciliation: PositionReconciliation = PositionReconciliation()
+    submission: Submission = Submission()
 
 
 class OperationalConfig(_Section):

@@ -348,3 +348,29 @@ class Position(Model):
 
 def position_key(account: str, symbol: str) -> str:
     return f"{account}:{symbol}"
+
+
+# --------------------------------------------------------------------------------------
+# Commands: how timers and broker calls feed back into the single writer of the tables
+# --------------------------------------------------------------------------------------
+
+
+class CommandKind(str, Enum):
+    #: The connector's answer to a submission: ``payload`` is the TradeResult (or
+    #: ``{"no_reply": true}``), ``attempt`` the submission it answers.
+    SUBMIT_RESULT = "submit_result"
+    #: The broker's view of an order after a status query: ``payload`` is the OrderStatus.
+    BROKER_STATUS = "broker_status"
+    #: A ``signal_orders`` entry is past the idempotency window: remove it (a tombstone).
+    EXPIRE_SIGNAL = "expire_signal"
+
+
+class OrderCommand(Model):
+    """A record of the internal topic ``orders.commands`` (key: order_id, or signal_id for
+    EXPIRE_SIGNAL; both land on the signal's partition)."""
+
+    kind: CommandKind
+    key: str
+    attempt: int = 0
+    payload: dict[str, Any] = Field(default_factory=dict)
+    at: datetime

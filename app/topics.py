@@ -23,6 +23,8 @@ SIGNALS_APPROVED = "signals.approved"  # key: signal_id
 SIGNALS_DLQ = "signals.dlq"  # bad signals: original bytes, headers reason/subject
 FILLS = "fills"  # key: order_id (the MT5 client order id), co-partitioned with signals
 FILLS_DLQ = "fills.dlq"
+# Internal: broker replies, status checks and expiries fed back to the orders agent
+ORDERS_COMMANDS = "orders.commands"  # key: order_id (or signal_id): same partition as the signal
 # Audit trail and derived topics (for analysts and the ClickHouse sink)
 ORDER_EXECUTION_ARCHIVE = "order_execution_archive"  # every lifecycle event, key: order_id
 ORDERS_STATUS = "orders.status"  # each state change: the Order snapshot, key: order_id
@@ -45,6 +47,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(SIGNALS_DLQ),
     TopicSpec(FILLS),
     TopicSpec(FILLS_DLQ),
+    TopicSpec(ORDERS_COMMANDS),
     TopicSpec(ORDER_EXECUTION_ARCHIVE),
     TopicSpec(ORDERS_STATUS),
     TopicSpec(EXECUTIONS),

@@ -1,0 +1,90 @@
+"""What a worker process holds besides Faust: settings, symbols, the live config, the NATS
+connection and the MT5 connector client, and the counters behind ``/metrics``.
+
+Connections open lazily on first use (agents start before any Faust startup hook we could
+await), guarded by a lock so concurrent first uses share one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+
+from app.hub import ConfigHub
+from app.settings import Settings
+from tables.symbols import SymbolTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Metrics:
+    """Process-local counters (Prometheus counters are per process too)."""
+
+    counters: Counter = field(default_factory=Counter)
+    #: symbol -> list of slippage observations (pips), bounded; the histogram's source.
+    slippage: dict[str, list[float]] = field(default_factory=dict)
+
+    def inc(self, name: str, n: int = 1, **labels: str) -> None:
+        self.counters[(name, tuple(sorted(labels.items())))] += n
+
+    def observe_slippage(self, symbol: str, pips: float) -> None:
+        values = self.slippage.setdefault(symbol, [])
+        values.append(pips)
+        if len(values) > 10_000:
+            del values[: len(values) - 10_000]
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.symbols = SymbolTable.from_env()
+        self.hub = ConfigHub()
+        self.metrics = Metrics()
+        self._nc: Any = None
+        self._js: Any = None
+        self._mt5: Any = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def config(self):
+        """The live operational config (``OperationalConfig.operational``)."""
+        return self.hub.current.operational
+
+    async def nats(self) -> Any:
+        if self._nc is None or self._nc.is_closed:
+            async with self._lock:
+                if self._nc is None or self._nc.is_closed:
+                    nc = await nats.connect(
+                        **self.settings.nats_options(), max_reconnect_attempts=-1, reconnect_time_wait=0.5
+                    )
+                    self._js = nc.jetstream()
+                    try:
+                        await self.hub.start(nc)
+                    except Exception as exc:
+                        log.warning("config hub unavailable (%s): running on safe defaults", exc)
+                    self._nc = nc
+        return self._nc
+
+    async def jetstream(self) -> Any:
+        await self.nats()
+        return self._js
+
+    async def mt5(self) -> Any:
+        from app.mt5.contract import MT5Client
+
+        nc = await self.nats()
+        if self._mt5 is None:
+            self._mt5 = MT5Client(nc, timeout=self.config.submission.reply_timeout_seconds)
+        self._mt5.timeout = self.config.submission.reply_timeout_seconds
+        return self._mt5
+
+    async def close(self) -> None:
+        await self.hub.stop()
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()

@@ -1,0 +1,82 @@
+"""The Faust tables of the service (RocksDB stores, changelog topics) and their codecs.
+
+Every table is written by exactly one agent, sequentially, so a read-modify-write never
+interleaves with another:
+
+* ``orders`` (order_id → :class:`Order`) and ``signal_orders`` (signal_id →
+  :class:`SignalSeen`) and ``open_orders`` (order_id → when it was opened) are written by
+  the orders agent.  Their keys are co-partitioned with ``signal_approved`` by
+  construction (:func:`tables.idempotency.order_id_for`), so the broker's fills, keyed by
+  order id, join the ``orders`` table on the same worker without a repartition.
+* ``positions`` (``{account}:{symbol}`` → :class:`Position`) is written by the positions
+  agent from the ``executions`` topic, which is keyed (repartitioned) by position key.
+
+Values are stored as the models' JSON (orjson) through registered codecs, so tables hand
+out models, never dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import faust
+from faust.serializers import codecs
+from pydantic import BaseModel
+
+from app.models import Order, Position, to_json
+from tables.idempotency import SignalSeen
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ModelCodec(codecs.Codec, Generic[M]):
+    """A Faust codec for one pydantic model: orjson bytes on the wire and in RocksDB."""
+
+    def __init__(self, model: type[M], **kwargs: Any) -> None:
+        self.model = model
+        super().__init__(**kwargs)
+
+    def _dumps(self, obj: Any) -> bytes:
+        return obj if isinstance(obj, bytes) else to_json(obj)
+
+    def _loads(self, s: bytes) -> M:
+        return self.model.model_validate_json(s)
+
+
+class SignalSeenCodec(codecs.Codec):
+    def _dumps(self, obj: Any) -> bytes:
+        return obj if isinstance(obj, bytes) else obj.to_bytes()
+
+    def _loads(self, s: bytes) -> SignalSeen:
+        return SignalSeen.from_bytes(s)
+
+
+ORDER_CODEC = "execution.order"
+POSITION_CODEC = "execution.position"
+SIGNAL_SEEN_CODEC = "execution.signal_seen"
+codecs.register(ORDER_CODEC, ModelCodec(Order))
+codecs.register(POSITION_CODEC, ModelCodec(Position))
+codecs.register(SIGNAL_SEEN_CODEC, SignalSeenCodec())
+
+
+@dataclass(frozen=True)
+class Tables:
+    signal_orders: faust.Table
+    orders: faust.Table
+    open_orders: faust.Table
+    positions: faust.Table
+
+
+def define_tables(app: faust.App) -> Tables:
+    def table(name: str, codec: str, help: str) -> faust.Table:
+        return app.Table(name, key_serializer="raw", value_serializer=codec, help=help)
+
+    return Tables(
+        signal_orders=table("signal_orders", SIGNAL_SEEN_CODEC, "signal_id -> order_id and first seen (24 h window)"),
+        orders=table("orders", ORDER_CODEC, "order_id -> Order (the order state machine)"),
+        open_orders=app.Table(
+            "open_orders", key_serializer="raw", value_serializer="raw", help="order_id -> opened at (ISO): orders not final yet"
+        ),
+        positions=table("positions", POSITION_CODEC, "{account}:{symbol} -> net Position"),
+    )
