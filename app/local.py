@@ -164,3 +164,137 @@ class LocalStack:
             "EXECUTION_KAFKA_BOOTSTRAP": self.kafka_url,
             "EXECUTION_NATS_URL": self.nats_url,
         }
+
+
+# --------------------------------------------------------------------------------------
+# The service processes (bridge, worker, simulator) as children, for the demo and tests
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """One ``execution <command>`` child process with its own log file."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "Service":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", *self.argv],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, text: str, timeout: float = 60.0, after: int = 0) -> int:
+        """Wait until ``text`` appears in the log after byte ``after``; returns the log size."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            content = self.log_text()
+            if text in content[after:]:
+                return len(content)
+            if not self.alive:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode if self.proc else '?'}):\n{content[-3000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name}: {text!r} not in its log after {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if not self.alive:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL: the crash of chaos tests."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+#: Faust logs this once the worker's agents run (tables recovered).
+WORKER_READY = "Ready"
+
+
+@dataclass
+class Services:
+    """The service's own processes against a :class:`LocalStack`."""
+
+    stack: LocalStack
+    workdir: Path
+    partitions: int = 8
+    extra_env: dict[str, str] = field(default_factory=dict)
+    running: dict[str, Service] = field(default_factory=dict)
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.stack.env())
+        env.update(
+            EXECUTION_TOPIC_PARTITIONS=str(self.partitions),
+            EXECUTION_DATA_DIR=str(self.workdir / "data"),
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.extra_env)
+        env.update(overrides)
+        return env
+
+    def start(self, name: str, argv: list[str], **env: str) -> Service:
+        svc = Service(name, argv, self.env(**env), self.workdir / f"{name}.log").start()
+        self.running[name] = svc
+        return svc
+
+    def bridge(self, name: str = "bridge") -> Service:
+        return self.start(name, ["bridge"])
+
+    def simulator(self, name: str = "sim", seed: int = 7) -> Service:
+        return self.start(name, ["sim", "--seed", str(seed)])
+
+    def worker(self, name: str = "worker-1", web_port: int | None = None, wait: bool = True) -> Service:
+        """A Faust worker with its own data dir (its RocksDB volume) and web port."""
+        port = web_port or free_port()
+        svc = self.start(
+            name, ["worker"],
+            EXECUTION_DATA_DIR=str(self.workdir / name),
+            EXECUTION_WEB_PORT=str(port),
+            EXECUTION_CONSUMER_GROUP_INSTANCE_ID="",
+        )
+        svc.web_port = port  # type: ignore[attr-defined]
+        if wait:
+            svc.wait_for_log(WORKER_READY, timeout=90)
+        return svc
+
+    def restart(self, name: str, kill: bool = False, wait: bool = True) -> Service:
+        old = self.running[name]
+        old.kill() if kill else old.stop()
+        new = Service(old.name, old.argv, old.env, old.log_path)
+        size = len(new.log_text())
+        new.start()
+        self.running[name] = new
+        if wait and old.argv[0] == "worker":
+            new.web_port = old.web_port  # type: ignore[attr-defined]
+            new.wait_for_log(WORKER_READY, timeout=90, after=size)
+        return new
+
+    def stop_all(self) -> None:
+        for svc in reversed(list(self.running.values())):
+            svc.stop()

@@ -31,14 +31,20 @@ def signal_dict(
     side: str | None = None,
     lots: float | None = None,
     account: str = "acc-1",
+    mid: float | None = None,
 ) -> dict:
-    """A valid approved signal with SL/TP on the correct sides and plausible prices."""
+    """A valid approved signal with SL/TP on the correct sides and plausible prices.
+
+    The entry is within a fraction of a pip of ``mid`` (default: the reference price), as a
+    signal priced off the current market is.
+    """
     symbol = symbol or rng.choice(list(REFERENCE))
-    mid, digits = REFERENCE[symbol]
+    ref_mid, digits = REFERENCE[symbol]
+    mid = mid or ref_mid
     side = side or rng.choice(("buy", "sell"))
     sign = 1 if side == "buy" else -1
     pip = 10 ** -(digits - 1) if digits in (3, 5) else 10 ** -digits * 10
-    entry = round(mid * (1 + rng.uniform(-0.0005, 0.0005)), digits)
+    entry = round(mid * (1 + rng.uniform(-0.00002, 0.00002)), digits)
     d: dict = {
         "signal_id": signal_id,
         "symbol": symbol,

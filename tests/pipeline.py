@@ -1,0 +1,168 @@
+"""The whole service against real servers, for integration tests: stack, simulator, bridge,
+workers, and ways to look at what came out (Kafka topics, NATS subjects, the simulator)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import nats
+import orjson
+
+from app import hub
+from app.kafka_io import read_topic
+from app.local import LocalStack, Services
+from app.models import Order, OrderEvent
+from app.mt5 import contract
+from app.settings import Settings
+from app.topics import ORDER_EXECUTION_ARCHIVE, ORDERS_STATUS, ensure_topics
+from support import publish
+
+#: Fast timeouts so stuck-order and retry paths finish within a test.
+TEST_CONFIG = {
+    "operational": {
+        "submission": {
+            "reply_timeout_seconds": 0.5,
+            "submit_retries": 1,
+            "stuck_order_timeout_seconds": 3,
+            "stuck_check_interval_seconds": 0.5,
+        },
+        "position_reconciliation": {"reconcile_interval_minutes": 60},
+    }
+}
+
+
+class Pipeline:
+    def __init__(self, workdir: Path, partitions: int = 4, config: dict | None = None) -> None:
+        self.workdir = workdir
+        self.stack = LocalStack(workdir=workdir / "stack")
+        self.partitions = partitions
+        self.config = config if config is not None else TEST_CONFIG
+        self.services: Services | None = None
+        self.settings: Settings | None = None
+
+    async def start(self, workers: int = 1, bridge: bool = True, simulator: bool = True) -> "Pipeline":
+        self.stack.start()
+        self.services = Services(self.stack, self.workdir, partitions=self.partitions)
+        self.settings = Settings(
+            kafka_bootstrap=self.stack.kafka_url, nats_url=self.stack.nats_url,
+            data_dir=self.workdir / "data", topic_partitions=self.partitions,
+        )
+        await ensure_topics(self.settings)
+        await self.set_config(self.config)
+        if simulator:
+            self.services.simulator()
+            await self.wait_for_simulator()
+        if bridge:
+            self.services.bridge()
+        for i in range(workers):
+            await asyncio.to_thread(self.services.worker, f"worker-{i + 1}")
+        return self
+
+    def stop(self) -> None:
+        if self.services:
+            self.services.stop_all()
+        self.stack.stop()
+
+    # ------------------------------------------------------------------ inputs
+    async def publish_signals(self, signals: list[dict], times: int = 1, rate: float | None = None) -> None:
+        items = [(f"signals.approved.{s['symbol']}", orjson.dumps(s)) for s in signals] * times
+        await publish(self.stack.nats_url, items, rate=rate)
+
+    async def set_config(self, doc: dict) -> None:
+        nc = await nats.connect(self.stack.nats_url)
+        try:
+            await hub.write(nc, doc)
+        finally:
+            await nc.close()
+
+    # ------------------------------------------------------------------ the simulator
+    async def _request(self, subject: str, payload: dict) -> dict:
+        nc = await nats.connect(self.stack.nats_url)
+        try:
+            msg = await nc.request(subject, orjson.dumps(payload), timeout=5)
+            return orjson.loads(msg.data)
+        finally:
+            await nc.close()
+
+    async def sim(self, **cmd: Any) -> dict:
+        return await self._request(contract.CONTROL, cmd)
+
+    async def sim_stats(self) -> dict:
+        return await self._request(contract.STATS, {})
+
+    async def wait_for_simulator(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.sim_stats()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    # ------------------------------------------------------------------ outputs
+    async def orders(self) -> dict[str, Order]:
+        """The latest snapshot of every order on ``orders.status`` (highest version)."""
+        latest: dict[str, Order] = {}
+        for r in await read_topic(self.settings, ORDERS_STATUS, idle=0.3):
+            o = Order.model_validate_json(r.value)
+            if o.order_id not in latest or o.version >= latest[o.order_id].version:
+                latest[o.order_id] = o
+        return latest
+
+    async def events(self) -> dict[str, list[OrderEvent]]:
+        """Archive events per order id, replays removed (same event id), in version order."""
+        seen: set[str] = set()
+        out: dict[str, list[OrderEvent]] = defaultdict(list)
+        for r in await read_topic(self.settings, ORDER_EXECUTION_ARCHIVE, idle=0.3):
+            e = OrderEvent.model_validate_json(r.value)
+            if e.event_id not in seen:
+                seen.add(e.event_id)
+                out[e.order_id].append(e)
+        return out
+
+    async def wait_orders(self, order_ids: list[str], done: Callable[[Order], bool] | None = None, timeout: float = 60) -> dict[str, Order]:
+        """Wait until every order satisfies ``done`` (default: in a final state)."""
+        done = done or (lambda o: o.state.is_final)
+        deadline = time.monotonic() + timeout
+        while True:
+            orders = await self.orders()
+            missing = [i for i in order_ids if i not in orders or not done(orders[i])]
+            if not missing:
+                return orders
+            if time.monotonic() > deadline:
+                states = {i: orders[i].state.value if i in orders else None for i in missing[:10]}
+                raise TimeoutError(f"{len(missing)} orders not done after {timeout}s: {states}")
+            await asyncio.sleep(0.5)
+
+    async def nats_messages(self, subjects: str = "orders.>", stream: str = "ORDERS") -> list[tuple[str, bytes]]:
+        """Every message stored in a JetStream stream under ``subjects``."""
+        nc = await nats.connect(self.stack.nats_url)
+        try:
+            js = nc.jetstream()
+            try:
+                info = await js.stream_info(stream)
+            except Exception:
+                return []
+            out = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                try:
+                    m = await js.get_msg(stream, seq)
+                except Exception:
+                    continue
+                if nats_subject_matches(subjects, m.subject):
+                    out.append((m.subject, m.data))
+            return out
+        finally:
+            await nc.close()
+
+
+def nats_subject_matches(pattern: str, subject: str) -> bool:
+    from app.bridge import subject_matches
+
+    return subject_matches(pattern, subject)

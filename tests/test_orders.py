@@ -1,0 +1,215 @@
+"""Orders end to end: real Tansu, NATS, the broker simulator, the bridge and Faust workers.
+
+One pipeline for the module (a worker takes seconds to join); each test uses its own
+signal ids and leaves the simulator as it found it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from app.models import EventType, OrderState
+from app.sample import REFERENCE, signal_dict
+from pipeline import TEST_CONFIG, Pipeline
+from tables.idempotency import order_id_for
+
+pytestmark = pytest.mark.slow
+
+PARTITIONS = 4
+
+
+@pytest.fixture(scope="module")
+async def pipe(tmp_path_factory):
+    p = Pipeline(tmp_path_factory.mktemp("orders"), partitions=PARTITIONS)
+    await p.start()
+    # Hold every market at its reference price: the signals are priced off it.
+    for symbol, (mid, _) in REFERENCE.items():
+        await p.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def oid(signal_id: str) -> str:
+    return order_id_for(signal_id, PARTITIONS)
+
+
+def types_of(events) -> list[str]:
+    return [e.type.value for e in events]
+
+
+async def test_same_signal_five_times_and_after_restart_is_one_order(pipe: Pipeline):
+    rng = random.Random(1)
+    s = signal_dict("dup-1", rng, symbol="EURUSD", order_type="market", lots=0.1)
+    await pipe.publish_signals([s], times=5)
+    order_id = oid("dup-1")
+    orders = await pipe.wait_orders([order_id])
+    assert orders[order_id].state is OrderState.FILLED
+
+    await asyncio.to_thread(pipe.services.restart, "worker-1")
+    await pipe.publish_signals([s], times=1)
+
+    async def dups() -> int:
+        return types_of((await pipe.events())[order_id]).count("duplicate_signal")
+
+    for _ in range(60):
+        if await dups() >= 5:
+            break
+        await asyncio.sleep(0.5)
+    events = (await pipe.events())[order_id]
+    assert types_of(events).count("created") == 1
+    assert types_of(events).count("duplicate_signal") == 5
+    stats = await pipe.sim_stats()
+    assert stats["by_comment"][order_id] == 1, "one submission at the broker"
+    assert stats["executed"][order_id] == 1
+
+
+async def test_kill_9_right_after_submission_still_one_broker_order(pipe: Pipeline):
+    rng = random.Random(2)
+    signals = [signal_dict(f"kill-{i}", rng, symbol="GBPUSD", order_type="market", lots=0.1) for i in range(40)]
+    ids = [oid(s["signal_id"]) for s in signals]
+    publisher = asyncio.create_task(pipe.publish_signals(signals, rate=40))
+    # Kill the worker as soon as the broker has seen some of these orders.
+    for _ in range(200):
+        stats = await pipe.sim_stats()
+        if sum(1 for i in ids if i in stats["by_comment"]) >= 5:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(pipe.services.restart, "worker-1", True)
+    await publisher
+    orders = await pipe.wait_orders(ids, timeout=90)
+    assert {o.state for o in orders.values() if o.order_id in ids} == {OrderState.FILLED}
+    stats = await pipe.sim_stats()
+    for i in ids:
+        assert stats["executed"].get(i) == 1, f"{i} executed {stats['executed'].get(i)} times"
+    events = await pipe.events()
+    for i in ids:
+        assert types_of(events[i]).count("created") == 1
+
+
+async def test_each_order_type_ends_filled_with_its_events(pipe: Pipeline):
+    rng = random.Random(3)
+    signals = {
+        t: signal_dict(f"type-{t}", rng, symbol="EURUSD", order_type=t, side="buy", lots=0.2)
+        for t in ("market", "limit", "stop", "stop_limit")
+    }
+    await pipe.publish_signals(list(signals.values()))
+    ids = {t: oid(s["signal_id"]) for t, s in signals.items()}
+    pending = [ids[t] for t in ("limit", "stop", "stop_limit")]
+    await pipe.wait_orders(list(ids.values()), done=lambda o: o.state is not OrderState.PENDING)
+    # Walk the price through every trigger and limit so the pending orders execute.
+    limit = signals["limit"]["limit_price"]
+    trig = max(signals["stop"]["trigger_price"], signals["stop_limit"]["trigger_price"])
+    await pipe.sim(cmd="set_price", symbol="EURUSD", bid=round(trig + 0.0005, 5), hold=True)
+    await asyncio.sleep(0.5)
+    await pipe.sim(cmd="set_price", symbol="EURUSD", bid=round(min(limit, signals["stop_limit"]["limit_price"]) - 0.0010, 5), hold=True)
+    try:
+        orders = await pipe.wait_orders(list(ids.values()))
+    finally:
+        await pipe.sim(cmd="set_price", symbol="EURUSD", mid=REFERENCE["EURUSD"][0], hold=True)
+    events = await pipe.events()
+    for t, i in ids.items():
+        o = orders[i]
+        assert o.state is OrderState.FILLED, (t, o.state, o.reason)
+        assert o.order_type.value == t
+        assert abs(o.filled_volume - 0.2) < 1e-9
+        seq = types_of(events[i])
+        assert seq[0] == "created" and seq[-1] == "filled", (t, seq)
+        assert "submitted" in seq or i in pending
+    subjects = {s for s, _ in await pipe.nats_messages()}
+    for i in ids.values():
+        assert "orders.filled.EURUSD" in subjects
+        assert "orders.pending.EURUSD" in subjects
+
+
+@pytest.mark.parametrize(
+    "case, change, retcode",
+    [
+        ("invalid_volume", {"position_size": 0.015}, 10014),
+        ("invalid_stops", {"stop_loss_pips": 0.1}, 10016),
+        ("no_money", {"position_size": 900}, 10019),
+        ("invalid_price", {"limit_wrong_side": True}, 10015),
+    ],
+)
+async def test_broker_rejects_end_rejected_with_the_retcode(pipe: Pipeline, case, change, retcode):
+    rng = random.Random(4)
+    s = signal_dict(f"reject-{case}", rng, symbol="USDJPY", side="buy", order_type="market")
+    if "position_size" in change:
+        s["position_size"] = change["position_size"]
+    if "stop_loss_pips" in change:
+        s["stop_loss"] = round(s["entry_price"] - 0.001, 3)
+    if change.get("limit_wrong_side"):
+        s["order_type"] = "limit"
+        s["limit_price"] = round(s["entry_price"] + 0.5, 3)  # a buy limit above the market
+        s["take_profit"] = round(s["limit_price"] + 0.4, 3)
+    await pipe.publish_signals([s])
+    i = oid(s["signal_id"])
+    o = (await pipe.wait_orders([i]))[i]
+    assert o.state is OrderState.REJECTED
+    assert o.retcode == retcode, o.reason
+    events = (await pipe.events())[i]
+    assert types_of(events) == ["created", "rejected"]
+    assert str(retcode) in events[-1].reason
+    assert any(s == "orders.rejected.USDJPY" for s, _ in await pipe.nats_messages())
+
+
+async def test_market_closed_and_requotes(pipe: Pipeline):
+    rng = random.Random(5)
+    await pipe.sim(cmd="close_market", symbol="AUDUSD")
+    closed = signal_dict("closed-1", rng, symbol="AUDUSD", order_type="market")
+    await pipe.publish_signals([closed])
+    o = (await pipe.wait_orders([oid("closed-1")]))[oid("closed-1")]
+    await pipe.sim(cmd="open_market", symbol="AUDUSD")
+    assert (o.state, o.retcode) == (OrderState.REJECTED, 10018)
+
+    # Requoted more often than max_requotes allows: rejected; once: re-priced and filled.
+    await pipe.sim(cmd="reject_next", retcode=10004, count=3)
+    await pipe.publish_signals([signal_dict("requote-many", rng, symbol="AUDUSD", order_type="market")])
+    o = (await pipe.wait_orders([oid("requote-many")]))[oid("requote-many")]
+    assert o.state is OrderState.REJECTED and "requote" in o.reason.lower()
+    await pipe.sim(cmd="reject_next", retcode=10004, count=1)
+    await pipe.publish_signals([signal_dict("requote-once", rng, symbol="AUDUSD", order_type="market")])
+    o = (await pipe.wait_orders([oid("requote-once")]))[oid("requote-once")]
+    assert o.state is OrderState.FILLED
+
+
+async def test_disabled_order_type_is_rejected_after_a_hot_config_change(pipe: Pipeline):
+    rng = random.Random(6)
+    cfg = {**TEST_CONFIG, "operational": {**TEST_CONFIG["operational"], "order_defaults": {"enable_stop_orders": False}}}
+    await pipe.set_config(cfg)
+    await asyncio.sleep(1.0)
+    try:
+        s = signal_dict("disabled-stop", rng, symbol="EURUSD", order_type="stop", side="sell")
+        await pipe.publish_signals([s])
+        o = (await pipe.wait_orders([oid("disabled-stop")]))[oid("disabled-stop")]
+        assert o.state is OrderState.REJECTED and "stop" in o.reason
+        assert (await pipe.sim_stats())["by_comment"].get(oid("disabled-stop")) is None
+    finally:
+        await pipe.set_config(TEST_CONFIG)
+        await asyncio.sleep(1.0)
+
+
+async def test_stuck_orders_end_in_the_brokers_state_or_failed_timeout(pipe: Pipeline):
+    rng = random.Random(7)
+    # The broker executes the order but its replies are lost: the broker's state wins.
+    await pipe.sim(cmd="drop_replies", count=10)
+    await pipe.publish_signals([signal_dict("stuck-known", rng, symbol="USDCHF", order_type="market")])
+    known = oid("stuck-known")
+    o = (await pipe.wait_orders([known]))[known]
+    await pipe.sim(cmd="reset_faults")
+    assert o.state is OrderState.FILLED
+    assert (await pipe.sim_stats())["executed"][known] == 1
+
+    # The broker never sees the order (nor its resend): FAILED with reason timeout.
+    await pipe.sim(cmd="drop_unprocessed", count=2)
+    await pipe.publish_signals([signal_dict("stuck-unknown", rng, symbol="USDCHF", order_type="market")])
+    unknown = oid("stuck-unknown")
+    o = (await pipe.wait_orders([unknown], timeout=60))[unknown]
+    assert (o.state, o.reason) == (OrderState.FAILED, "timeout")
+    seq = types_of((await pipe.events())[unknown])
+    assert seq == ["created", "submitted", "failed"]
+    assert EventType.FAILED.value in seq
