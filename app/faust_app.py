@@ -18,6 +18,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
     extra: dict = {}
     if s.consumer_group_instance_id:
         extra["consumer_group_instance_id"] = s.consumer_group_instance_id
+    if s.canonical_url:
+        extra["canonical_url"] = s.canonical_url
     if s.kafka_sasl_mechanism or s.kafka_ssl:
         extra["broker_credentials"] = _credentials(s)
     return faust.App(

@@ -12,6 +12,7 @@ from app.faust_app import create_app
 from app.runtime import Runtime
 from app.settings import get_settings
 from app.topics import TOPICS
+from app import web
 from tables.definitions import define_tables
 
 settings = get_settings()
@@ -27,6 +28,7 @@ context = Context(
 orders_agent = orders.register(context)
 positions_agent = positions.register(context)
 notify.register(context)
+web.register(app, runtime, tables)
 
 
 @app.task

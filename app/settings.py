@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(1, ge=1)
     web_port: int = 8012
     web_host: str = "0.0.0.0"
+    #: How other workers reach this one's web server (table queries are forwarded to the
+    #: owner of the key's partition); default ``http://<hostname>:<web_port>``.
+    canonical_url: str | None = None
     #: Static group membership (KIP-345) for StatefulSet pods: set to the pod name so a
     #: restarted pod gets its partitions back without a rebalance.
     consumer_group_instance_id: str | None = None
@@ -56,6 +59,7 @@ class Settings(BaseSettings):
     nats_user: str | None = None
     nats_password: SecretStr | None = None
     nats_creds_file: Path | None = None
+    clickhouse_password: SecretStr | None = None
 
     # --- broker tuning: None means "the profile's value" ------------------------------
     #: Tansu (local profile): a consumer group join waits for half the session timeout before
@@ -126,7 +130,7 @@ class Settings(BaseSettings):
     def describe(self) -> dict[str, Any]:
         """Settings safe to print: secrets masked by pydantic's SecretStr."""
         out = self.model_dump(mode="json")
-        for name in ("kafka_password", "nats_password"):
+        for name in ("kafka_password", "nats_password", "clickhouse_password"):
             if out.get(name):
                 out[name] = "**********"
         for name in _TUNING:

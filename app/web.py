@@ -1,0 +1,163 @@
+"""The worker's web endpoints (Faust's web server, port 8012 by default).
+
+* ``/health``: 200 only when the Kafka broker answers and the tables have recovered
+  (a readiness probe: a worker replaying its changelogs is alive but not ready).
+* ``/metrics``: Prometheus text format.
+* ``/orders/{order_id}``: the order from the ``orders`` table, answered by the worker that
+  owns the key's partition (Faust forwards the request to it).
+* ``/positions/{account}/{symbol}``: one position, routed the same way;
+  ``/positions``: the positions held by this worker's partitions (``worker`` says which).
+* ``/config``: the operational config in force here, and its hub revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import faust
+from faust.web import Request, Response, View
+
+from app.models import OrderState, position_key, to_dict
+from app.runtime import Runtime
+from tables.definitions import Tables
+
+#: Upper bounds of the slippage histogram buckets, pips (+ = adverse).
+SLIPPAGE_BUCKETS = (-5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 5.0, 10.0, float("inf"))
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{str(v).replace(chr(34), "")}"' for k, v in labels)
+    return "{" + inner + "}"
+
+
+def prometheus(rt: Runtime, extra: list[tuple[str, dict[str, str], float]]) -> str:
+    lines: list[str] = []
+    by_name: dict[str, list[tuple[tuple, float]]] = {}
+    for (name, labels), value in sorted(rt.metrics.counters.items()):
+        by_name.setdefault(name, []).append((labels, value))
+    for name, series in by_name.items():
+        lines.append(f"# TYPE execution_{name}_total counter")
+        for labels, value in series:
+            lines.append(f"execution_{name}_total{_labels(labels)} {value}")
+    lines.append("# TYPE execution_slippage_pips histogram")
+    for symbol, values in sorted(rt.metrics.slippage.items()):
+        for le in SLIPPAGE_BUCKETS:
+            n = sum(1 for v in values if v <= le)
+            le_s = "+Inf" if le == float("inf") else repr(le)
+            lines.append(f'execution_slippage_pips_bucket{{symbol="{symbol}",le="{le_s}"}} {n}')
+        lines.append(f'execution_slippage_pips_sum{{symbol="{symbol}"}} {sum(values)}')
+        lines.append(f'execution_slippage_pips_count{{symbol="{symbol}"}} {len(values)}')
+    gauges: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for name, labels, value in extra:
+        gauges.setdefault(name, []).append((labels, value))
+    for name, series in gauges.items():
+        lines.append(f"# TYPE execution_{name} gauge")
+        for labels, value in series:
+            lines.append(f"execution_{name}{_labels(tuple(sorted(labels.items())))} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
+    broker_check: dict[str, Any] = {"at": 0.0, "ok": False}
+
+    async def broker_reachable() -> bool:
+        if time.monotonic() - broker_check["at"] < 2.0:
+            return broker_check["ok"]
+        ok = False
+        for server in rt.settings.kafka_bootstrap_servers.split(","):
+            host, _, port = server.rpartition(":")
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host or "127.0.0.1", int(port)), 1.0)
+                writer.close()
+                ok = True
+                break
+            except (OSError, asyncio.TimeoutError, ValueError):
+                continue
+        broker_check.update(at=time.monotonic(), ok=ok)
+        return ok
+
+    def recovered() -> bool:
+        recovery = app.tables.recovery
+        return recovery.completed.is_set() and not recovery.in_recovery and not app.rebalancing
+
+    @app.page("/health")
+    class Health(View):
+        async def get(self, request: Request) -> Response:
+            broker, tables_ok = await broker_reachable(), recovered()
+            body = {
+                "status": "ok" if broker and tables_ok else "unavailable",
+                "broker": broker,
+                "tables_recovered": tables_ok,
+                "assigned_partitions": len(app.assignor.assigned_actives()),
+                "config_revision": rt.hub.revision,
+            }
+            return self.json(body, status=200 if broker and tables_ok else 503)
+
+    @app.page("/metrics")
+    class Metrics(View):
+        async def get(self, request: Request) -> Response:
+            extra: list[tuple[str, dict[str, str], float]] = []
+            consumer = app.consumer
+            for tp in sorted(app.assignor.assigned_actives()):
+                try:
+                    hw = consumer.highwater(tp)
+                except Exception:
+                    continue
+                read = consumer._read_offset.get(tp)  # last offset handed to an agent
+                lag = max(0, (hw or 0) - ((read + 1) if read is not None else 0))
+                extra.append(("consumer_lag", {"topic": tp.topic, "partition": str(tp.partition)}, lag))
+            states: dict[str, int] = {s.value: 0 for s in OrderState}
+            for key in list(tables.open_orders.keys()):
+                order = tables.orders.get(key.decode() if isinstance(key, bytes) else key)
+                if order is not None:
+                    states[order.state.value] += 1
+            for state, n in states.items():
+                if not OrderState(state).is_final:
+                    extra.append(("open_orders", {"state": state}, n))
+            extra.append(("config_revision", {}, rt.hub.revision))
+            extra.append(("config_rejected", {}, rt.hub.rejected))
+            return self.text(prometheus(rt, extra), content_type="text/plain; version=0.0.4")
+
+    @app.page("/orders/{order_id}")
+    @app.table_route(table=tables.orders, match_info="order_id")
+    async def order(web: View, request: Request, order_id: str) -> Response:
+        found = tables.orders.get(order_id)
+        if found is None:
+            return web.json({"error": f"order {order_id} not found"}, status=404)
+        return web.json(to_dict(found))
+
+    @app.page("/positions/{account}/{symbol}")
+    async def position(web: View, request: Request, account: str, symbol: str) -> Response:
+        key = position_key(account, symbol)
+        routed = await _route(app, tables.positions, key, request)
+        if routed is not None:
+            return routed
+        found = tables.positions.get(key)
+        if found is None:
+            return web.json({"error": f"no position {key}"}, status=404)
+        return web.json(to_dict(found))
+
+    @app.page("/positions")
+    class Positions(View):
+        async def get(self, request: Request) -> Response:
+            out = [to_dict(p) for _, p in tables.positions.items()]
+            return self.json({"worker": app.conf.canonical_url.host, "positions": out})
+
+    @app.page("/config")
+    class Config(View):
+        async def get(self, request: Request) -> Response:
+            return self.json({"revision": rt.hub.revision, "config": rt.hub.current.model_dump(mode="json")})
+
+
+async def _route(app: faust.App, table: faust.Table, key: str, request: Request) -> Response | None:
+    """Forward to the worker owning ``key``'s partition, or None when that is this worker."""
+    from faust.exceptions import SameNode
+
+    try:
+        return await app.router.route_req(table.name, key, app.web, request)
+    except SameNode:
+        return None
