@@ -4,7 +4,9 @@
     execution bridge    NATS signals.approved.> / mt5.fills.> -> Kafka
     execution worker    the Faust worker (agents, tables, web on :8012)
     execution sim       the MT5 broker simulator
+    execution sink      the derived topics into ClickHouse
     execution demo      the end-to-end demo on the embedded defaults
+    execution config    show or set the operational config in the central hub
     execution settings  print the effective settings (secrets masked)
 """
 
@@ -77,6 +79,52 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sink(args: argparse.Namespace) -> int:
+    from app.settings import get_settings
+    from app.sinks.kafka_clickhouse import run_sink
+
+    asyncio.run(run_sink(get_settings()))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """``execution config show`` / ``execution config set a.b.c=VALUE [...]`` (VALUE is JSON)."""
+    import nats
+
+    from app import hub
+    from app.settings import get_settings
+
+    async def run() -> int:
+        nc = await nats.connect(**get_settings().nats_options())
+        try:
+            doc, revision = await hub.read(nc)
+            if args.action == "show":
+                print(json.dumps({"revision": revision, "stored": doc,
+                                  "effective": hub.parse(doc).model_dump(mode="json")}, indent=2))
+                return 0
+            for assignment in args.assignments:
+                path, sep, raw = assignment.partition("=")
+                if not sep:
+                    print(f"expected PATH=VALUE, got {assignment!r}", file=sys.stderr)
+                    return 2
+                try:
+                    value = json.loads(raw)
+                except json.JSONDecodeError:
+                    value = raw  # a bare word: a string
+                hub.set_path(doc, path, value)
+            try:
+                new_revision = await hub.write(nc, doc)
+            except ValueError as exc:
+                print(f"rejected: {exc}", file=sys.stderr)
+                return 2
+            print(f"stored revision {new_revision}")
+            return 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     from app.settings import get_settings
 
@@ -102,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sim", help="MT5 broker simulator")
     s.add_argument("--seed", type=int, default=7)
     s.set_defaults(func=cmd_sim)
+    sub.add_parser("sink", help="derived topics -> ClickHouse").set_defaults(func=cmd_sink)
+    c = sub.add_parser("config", help="show or set the operational config in the central hub")
+    c.add_argument("action", choices=["show", "set"])
+    c.add_argument("assignments", nargs="*", help="PATH=VALUE, e.g. operational.fill_tracking.slippage_alert_threshold_pips=3")
+    c.set_defaults(func=cmd_config)
     d = sub.add_parser("demo", help="end-to-end demo on the embedded defaults")
     d.add_argument("--signals", type=int, default=300)
     d.add_argument("--rate", type=float, default=200.0, help="signals per second")

@@ -1,0 +1,51 @@
+"""The central-hub config: merge over safe defaults, validation, last good config kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.config import SAFE_DEFAULTS
+from app.hub import ConfigHub, parse, set_path
+
+
+def test_partial_document_changes_one_value_and_keeps_the_defaults():
+    cfg = parse(b'{"operational": {"fill_tracking": {"slippage_alert_threshold_pips": 3}}}')
+    assert cfg.operational.fill_tracking.slippage_alert_threshold_pips == 3
+    assert cfg.operational.order_defaults == SAFE_DEFAULTS.operational.order_defaults
+    assert cfg.operational.idempotency.check_window_hours == 24
+
+
+@pytest.mark.parametrize(
+    "raw, names",
+    [
+        (b"{not json", "not JSON"),
+        (b"[1]", "JSON object"),
+        (b'{"operational": {"fill_tracking": {"slippage_alert_threshold_pips": -1}}}', "slippage_alert_threshold_pips"),
+        (b'{"operational": {"order_defaults": {"default_order_type": "iceberg"}}}', "default_order_type"),
+        (b'{"operational": {"idempotency": {"check_window_hours": NaN}}}', "not JSON"),
+        (b'{"operational": {"surprise": 1}}', "surprise"),
+    ],
+)
+def test_invalid_documents_are_rejected_with_the_field(raw, names):
+    with pytest.raises(ValueError, match=names):
+        parse(raw)
+
+
+def test_hub_keeps_the_last_good_config_on_an_invalid_change():
+    hub = ConfigHub()
+    seen = []
+    hub.on_change(seen.append)
+    hub._apply(b'{"operational": {"order_defaults": {"max_slippage_pips": 7}}}', 1)
+    assert hub.current.operational.order_defaults.max_slippage_pips == 7
+    hub._apply(b'{"operational": {"order_defaults": {"max_slippage_pips": "lots"}}}', 2)
+    assert hub.current.operational.order_defaults.max_slippage_pips == 7
+    assert hub.rejected == 1 and hub.revision == 1
+    hub._apply(b'{"operational": {"order_defaults": {"max_slippage_pips": 1}}}', 1)  # stale revision
+    assert hub.current.operational.order_defaults.max_slippage_pips == 7
+    assert len(seen) == 1
+
+
+def test_set_path_builds_nested_documents():
+    assert set_path({}, "operational.fill_tracking.slippage_alert_threshold_pips", 2) == {
+        "operational": {"fill_tracking": {"slippage_alert_threshold_pips": 2}}
+    }
