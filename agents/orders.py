@@ -86,14 +86,14 @@ class OrdersAgent:
     async def handle(self, event: faust.EventT) -> None:
         topic = event.message.topic
         if topic == SIGNALS_APPROVED:
-            await self.on_signal(event.value)
+            await self.on_signal(event.value, f"{event.message.partition}-{event.message.offset}")
         elif topic == FILLS:
             await self.on_fill(event.value)
         else:
             await self.on_command(event.value)
 
     # ------------------------------------------------------------------ signals
-    async def on_signal(self, raw: bytes) -> None:
+    async def on_signal(self, raw: bytes, where: str = "") -> None:
         try:
             signal = from_json(ApprovedSignal, raw)
         except DecodeError as exc:
@@ -111,6 +111,7 @@ class OrdersAgent:
             event = order_state.record(
                 existing, EventType.DUPLICATE_SIGNAL, now, reason="signal already has an order",
                 detail={"first_seen": seen.first_seen.isoformat() if seen else None},
+                discriminator=where,  # each delivery is its own record; a replay of one is not
             )
             await send_all(self.ctx, [(ORDER_EXECUTION_ARCHIVE, order_id, to_json(event), None)])
             if existing.state is OrderState.PENDING:

@@ -1,0 +1,116 @@
+"""Idempotency: one order per signal, ever, and deterministic order ids.
+
+**Order ids.**  ``order_id_for(signal_id, partitions)`` is ``"O"`` plus a 30-hex-digit
+blake2b digest of the signal id (31 characters: the length of an MT5 comment, which
+carries it).  It is chosen to land on the **same Kafka partition** as the signal id under
+Kafka's default partitioner (murmur2 of the key bytes, the function aiokafka's and Faust's
+producers use): if the plain digest does not, the digests of ``(signal_id, "1")``,
+``(signal_id, "2")``, ... are tried in turn until one does.  So the ``orders`` table
+(key order_id), the ``signal_orders`` table (key signal_id), the ``fills`` topic (key
+order_id) and ``signals.approved`` (key signal_id) are co-partitioned: a signal, its order
+and its fills are handled by one worker, without a repartition.  The id depends only on
+the signal id and the partition count (which must not change while orders are live).
+
+**Dedupe window.**  ``signal_orders`` maps a signal id to a :class:`SignalSeen` (the order
+id and when the signal was first seen).  An entry within ``check_window_hours`` of its
+``first_seen`` makes the signal a duplicate; older entries are expired (removed).  The
+``orders`` table, looked up by the deterministic order id, also recognises a signal
+seen before, whatever the window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+
+from aiokafka.partitioner import murmur2
+from pydantic import field_validator
+
+from app.models import Model, from_json, to_json
+
+#: Prefix of every order id.
+ORDER_ID_PREFIX = "O"
+#: Bytes of the blake2b digest: 30 hex characters, 31 with the prefix (an MT5 comment).
+ORDER_ID_DIGEST_SIZE = 15
+ORDER_ID_LENGTH = len(ORDER_ID_PREFIX) + 2 * ORDER_ID_DIGEST_SIZE
+#: A hard bound on candidates; the expected number is ``partitions``.
+_MAX_CANDIDATES_PER_PARTITION = 1_000
+
+
+def _key_bytes(key: str | bytes) -> bytes:
+    return key if isinstance(key, bytes) else key.encode("utf-8")
+
+
+def partition_for(key: str | bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key`` among ``partitions``:
+    ``(murmur2(key) & 0x7fffffff) % partitions``, as ``aiokafka.partitioner.DefaultPartitioner``
+    computes it for a producer (string keys are UTF-8 encoded, as with a raw key serializer)."""
+    if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+        raise ValueError(f"partitions must be a positive integer, got {partitions!r}")
+    return (murmur2(_key_bytes(key)) & 0x7FFFFFFF) % partitions
+
+
+def _candidate(signal_id: str, n: int) -> str:
+    # The separator (a unit separator, never in a signal id) keeps candidates of
+    # different signal ids apart: ("a", 1) and ("a#1", 0) do not hash the same input.
+    data = signal_id if n == 0 else f"{signal_id}\x1f{n}"
+    return ORDER_ID_PREFIX + hashlib.blake2b(data.encode("utf-8"), digest_size=ORDER_ID_DIGEST_SIZE).hexdigest()
+
+
+@lru_cache(maxsize=65_536)
+def order_id_for(signal_id: str, partitions: int) -> str:
+    """The order id of a signal: 31 characters, on the signal id's partition, deterministic."""
+    if not signal_id:
+        raise ValueError("signal_id must not be empty")
+    target = partition_for(signal_id, partitions)
+    for n in range(_MAX_CANDIDATES_PER_PARTITION * partitions):
+        candidate = _candidate(signal_id, n)
+        if partition_for(candidate, partitions) == target:
+            return candidate
+    raise RuntimeError(f"no order id on partition {target} of {partitions} for signal {signal_id!r}")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------
+# The dedupe window
+# --------------------------------------------------------------------------------------
+
+
+class SignalSeen(Model):
+    """The value of ``signal_orders``: the order made for a signal and when it was first seen."""
+
+    order_id: str
+    first_seen: datetime
+
+    @field_validator("first_seen")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        return v if v.tzinfo is not None else v.replace(tzinfo=UTC)
+
+    def to_bytes(self) -> bytes:
+        return to_json(self)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | str) -> SignalSeen:
+        """Parse; raises :class:`app.models.DecodeError` for a bad payload."""
+        return from_json(cls, raw)
+
+
+def _window(window_hours: float) -> timedelta:
+    if not math.isfinite(window_hours) or window_hours <= 0:
+        raise ValueError(f"window_hours must be a positive number, got {window_hours}")
+    return timedelta(hours=window_hours)
+
+
+def is_within_window(seen: SignalSeen, now: datetime, window_hours: float) -> bool:
+    """True while ``now`` is less than ``window_hours`` after ``seen.first_seen`` (a
+    ``first_seen`` in the future, from a clock step, counts as within)."""
+    return now - seen.first_seen < _window(window_hours)
+
+
+def expired_keys(items: Iterable[tuple[str, SignalSeen]], now: datetime, window_hours: float) -> list[str]:
+    """The keys whose entries are past the window, in the order given."""
+    window = _window(window_hours)
+    return [key for key, seen in items if now - seen.first_seen >= window]
