@@ -18,6 +18,7 @@ out models, never dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
 
 import faust
@@ -60,6 +61,21 @@ codecs.register(POSITION_CODEC, ModelCodec(Position))
 codecs.register(SIGNAL_SEEN_CODEC, SignalSeenCodec())
 
 
+def stored_as(codec: str) -> type:
+    """A Faust ``value_type`` that names ``codec``: Faust picks a table's serializer from its
+    value type, and hands the decoded object back through ``from_data``."""
+
+    class Stored:
+        _options = SimpleNamespace(serializer=codec)
+
+        @classmethod
+        def from_data(cls, value: Any, preferred_type: Any = None) -> Any:
+            return value
+
+    Stored.__name__ = f"Stored[{codec}]"
+    return Stored
+
+
 @dataclass(frozen=True)
 class Tables:
     signal_orders: faust.Table
@@ -70,13 +86,13 @@ class Tables:
 
 def define_tables(app: faust.App) -> Tables:
     def table(name: str, codec: str, help: str) -> faust.Table:
-        return app.Table(name, key_serializer="raw", value_serializer=codec, help=help)
+        return app.Table(name, key_type=bytes, value_type=stored_as(codec), help=help)
 
     return Tables(
         signal_orders=table("signal_orders", SIGNAL_SEEN_CODEC, "signal_id -> order_id and first seen (24 h window)"),
         orders=table("orders", ORDER_CODEC, "order_id -> Order (the order state machine)"),
         open_orders=app.Table(
-            "open_orders", key_serializer="raw", value_serializer="raw", help="order_id -> opened at (ISO): orders not final yet"
+            "open_orders", key_type=bytes, value_type=bytes, help="order_id -> opened at (ISO): orders not final yet"
         ),
         positions=table("positions", POSITION_CODEC, "{account}:{symbol} -> net Position"),
     )

@@ -15,10 +15,12 @@ from app.models import EventType, OrderState
 from app.sample import REFERENCE, signal_dict
 from pipeline import TEST_CONFIG, Pipeline
 from tables.idempotency import order_id_for
+from tables.order_state import LIFECYCLE_EVENTS
 
 pytestmark = pytest.mark.slow
 
 PARTITIONS = 4
+LIFECYCLE = {e.value for e in LIFECYCLE_EVENTS}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,6 @@ async def test_each_order_type_ends_filled_with_its_events(pipe: Pipeline):
     }
     await pipe.publish_signals(list(signals.values()))
     ids = {t: oid(s["signal_id"]) for t, s in signals.items()}
-    pending = [ids[t] for t in ("limit", "stop", "stop_limit")]
     await pipe.wait_orders(list(ids.values()), done=lambda o: o.state is not OrderState.PENDING)
     # Walk the price through every trigger and limit so the pending orders execute.
     limit = signals["limit"]["limit_price"]
@@ -117,9 +118,12 @@ async def test_each_order_type_ends_filled_with_its_events(pipe: Pipeline):
         assert o.state is OrderState.FILLED, (t, o.state, o.reason)
         assert o.order_type.value == t
         assert abs(o.filled_volume - 0.2) < 1e-9
-        seq = types_of(events[i])
+        # Lifecycle events only (a fill 10 pips better than the limit also raises a slippage
+        # alert: the seed alerts on |slippage| > threshold).  A fill may overtake the
+        # connector's reply, in which case SUBMITTED is skipped.
+        seq = [e for e in types_of(events[i]) if e in LIFECYCLE]
         assert seq[0] == "created" and seq[-1] == "filled", (t, seq)
-        assert "submitted" in seq or i in pending
+        assert set(seq) <= {"created", "submitted", "partially_filled", "filled"}, (t, seq)
     subjects = {s for s, _ in await pipe.nats_messages()}
     for i in ids.values():
         assert "orders.filled.EURUSD" in subjects
