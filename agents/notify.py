@@ -24,6 +24,7 @@ from app.topics import FILLS_DLQ, ORDER_EXECUTION_ARCHIVE, ORDERS_STATUS, POSITI
 
 log = logging.getLogger(__name__)
 
+INPUTS = (ORDERS_STATUS, ORDER_EXECUTION_ARCHIVE, POSITIONS_DISCREPANCIES, FILLS_DLQ)
 ORDERS_STREAM = ("ORDERS", ["orders.>"])
 ALERTS_STREAM = ("EXECUTION_ALERTS", ["alerts.execution.>"])
 SLIPPAGE_ALERTS = "alerts.execution.slippage"
@@ -59,8 +60,7 @@ def nats_message(topic: str, raw: bytes, headers: dict[str, bytes], where: str) 
 
 def register(ctx: Context) -> None:
     app = ctx.app
-    source = app.topic(ORDERS_STATUS, ORDER_EXECUTION_ARCHIVE, POSITIONS_DISCREPANCIES, FILLS_DLQ,
-                       key_serializer="raw", value_serializer="raw")
+    source = app.topic(*INPUTS, key_serializer="raw", value_serializer="raw")
     ready = {"streams": False}
 
     async def publish(event: faust.EventT) -> None:

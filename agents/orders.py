@@ -190,7 +190,7 @@ class OrdersAgent:
         if r.fill_slippage_pips is not None:
             self.rt.metrics.observe_slippage(order.symbol, r.fill_slippage_pips)
         if new_order.state.is_final:
-            self.t.open_orders.pop(order.order_id, None)
+            self.closed(order.order_id)
 
     # ------------------------------------------------------------------ commands
     async def on_command(self, raw: bytes) -> None:
@@ -224,7 +224,12 @@ class OrdersAgent:
             self.t.orders[order.order_id] = t.order
             self.rt.metrics.inc("order_transitions", state=t.order.state.value)
             if t.order.state.is_final:
-                self.t.open_orders.pop(order.order_id, None)
+                self.closed(order.order_id)
+
+    def closed(self, order_id: str) -> None:
+        """The order is final: it leaves ``open_orders`` and the timers' memory."""
+        self.t.open_orders.pop(order_id, None)
+        self.checked.pop(order_id, None)
 
     # ------------------------------------------------------------------ submission
     async def start_submission(self, order: Order, *, resume: bool) -> None:
@@ -319,7 +324,9 @@ class OrdersAgent:
                 continue
             age = now - order.updated_at
             if order.state is OrderState.PENDING:
-                if order_id not in self.in_flight and age > pending_grace:
+                last = self.checked.get(order_id, 0.0)
+                if order_id not in self.in_flight and age > pending_grace and time.monotonic() - last > pending_grace.total_seconds():
+                    self.checked[order_id] = time.monotonic()
                     log.info("order %s PENDING for %s: resuming its submission", order_id, age)
                     await self.start_submission(order, resume=True)
             elif order.state is OrderState.SUBMITTED and age > stuck_after:

@@ -35,6 +35,7 @@ from tables.symbols import UnknownSymbol
 
 log = logging.getLogger(__name__)
 
+INPUTS = (EXECUTIONS, POSITIONS_DISCREPANCIES)
 #: A discrepancy must still be there this long after it was first seen (in-flight fills
 #: make transient differences) before it is reported.
 CONFIRM_DELAY_SECONDS = 2.0
@@ -151,7 +152,7 @@ class PositionsAgent:
 def register(ctx: Context) -> PositionsAgent:
     app = ctx.app
     worker = PositionsAgent(ctx)
-    source = app.topic(EXECUTIONS, POSITIONS_DISCREPANCIES, key_serializer="raw", value_serializer="raw")
+    source = app.topic(*INPUTS, key_serializer="raw", value_serializer="raw")
 
     @app.agent(source, name="positions")
     async def positions(stream: faust.StreamT) -> None:

@@ -147,6 +147,7 @@ async def run(signals: int, rate: float, seed: int, workdir: Path) -> int:
 
     stack = LocalStack(workdir=workdir / "stack").start()
     services = Services(stack, workdir)
+    services.supervise()
     settings = Settings(kafka_bootstrap=stack.kafka_url, nats_url=stack.nats_url, data_dir=workdir / "data")
     sink = None
     try:

@@ -124,6 +124,7 @@ class ConfigHub:
                 await self._watcher.stop()
             except Exception:
                 pass
+        self._watch_task = self._watcher = None
 
 
 async def bucket(js: Any) -> Any:

@@ -276,7 +276,7 @@ class Services:
             name, ["worker"],
             EXECUTION_DATA_DIR=str(self.workdir / name),
             EXECUTION_WEB_PORT=str(port),
-            EXECUTION_CONSUMER_GROUP_INSTANCE_ID="",
+            EXECUTION_CONSUMER_GROUP_INSTANCE_ID=name,  # static membership: a restart takes its place
         )
         svc.web_port = port  # type: ignore[attr-defined]
         if wait:
@@ -295,6 +295,31 @@ class Services:
             new.wait_for_log(WORKER_READY, timeout=90, after=size)
         return new
 
+    def supervise(self, interval: float = 0.5) -> None:
+        """Restart any worker that exits asking for it (the stall watchdog's exit code), as
+        Kubernetes would restart the pod.  Runs in a daemon thread until ``stop_all``."""
+        import threading
+
+        from app.watchdog import EXIT_STALLED
+
+        if getattr(self, "_supervisor", None) is not None:
+            return
+        self._stopping = threading.Event()
+
+        def loop() -> None:
+            while not self._stopping.wait(interval):
+                for name, svc in list(self.running.items()):
+                    if svc.proc is not None and svc.proc.poll() == EXIT_STALLED:
+                        new = Service(svc.name, svc.argv, svc.env, svc.log_path).start()
+                        new.web_port = getattr(svc, "web_port", None)  # type: ignore[attr-defined]
+                        self.running[name] = new
+                        self.restarts = getattr(self, "restarts", 0) + 1
+
+        self._supervisor = threading.Thread(target=loop, name="services-supervisor", daemon=True)
+        self._supervisor.start()
+
     def stop_all(self) -> None:
+        if getattr(self, "_stopping", None) is not None:
+            self._stopping.set()
         for svc in reversed(list(self.running.values())):
             svc.stop()

@@ -50,6 +50,7 @@ class Runtime:
         self._js: Any = None
         self._mt5: Any = None
         self._lock = asyncio.Lock()
+        self._hub_task: asyncio.Task | None = None
 
     @property
     def config(self):
@@ -61,14 +62,30 @@ class Runtime:
             async with self._lock:
                 if self._nc is None or self._nc.is_closed:
                     nc = await nats.connect(
-                        **self.settings.nats_options(), max_reconnect_attempts=-1, reconnect_time_wait=0.5
+                        **self.settings.nats_options(),
+                        connect_timeout=2,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.5,
                     )
+                    log.info("connected to NATS %s", nc.connected_url.netloc if nc.connected_url else "?")
                     self._js = nc.jetstream()
-                    try:
-                        await self.hub.start(nc)
-                    except Exception as exc:
-                        log.warning("config hub unavailable (%s): running on safe defaults", exc)
                     self._nc = nc
+                    self._hub_task = asyncio.create_task(self._start_hub(nc), name="config-hub")
+        return self._nc
+
+    async def _start_hub(self, nc: Any) -> None:
+        """Follow the central hub; until it answers, the safe defaults (or last good) apply."""
+        delay = 1.0
+        while True:
+            try:
+                await asyncio.wait_for(self.hub.start(nc), timeout=10)
+                log.info("config hub: following %s (revision %s)", "execution_config/execution", self.hub.revision)
+                return
+            except Exception as exc:
+                log.warning("config hub unavailable (%s: %s): safe defaults stay; retrying in %.0fs", type(exc).__name__, exc, delay)
+                await self.hub.stop()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30)
         return self._nc
 
     async def jetstream(self) -> Any:
@@ -85,6 +102,8 @@ class Runtime:
         return self._mt5
 
     async def close(self) -> None:
+        if self._hub_task is not None:
+            self._hub_task.cancel()
         await self.hub.stop()
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()

@@ -95,6 +95,13 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
                 "assigned_partitions": len(app.assignor.assigned_actives()),
                 "config_revision": rt.hub.revision,
             }
+            if request.query.get("detail"):
+                consumer = app.consumer
+                body["paused"] = sorted(f"{tp.topic}[{tp.partition}]" for tp in getattr(consumer, "_paused_partitions", ()))
+                body["active"] = sorted(f"{tp.topic}[{tp.partition}]" for tp in (consumer._active_partitions or ()))
+                body["read_offsets"] = {f"{tp.topic}[{tp.partition}]": o for tp, o in consumer._read_offset.items()}
+                body["flow_control_suspended"] = app.flow_control.is_active() is False
+                body["rebalancing"] = app.rebalancing
             return self.json(body, status=200 if broker and tables_ok else 503)
 
     @app.page("/metrics")

@@ -47,6 +47,7 @@ class Pipeline:
     async def start(self, workers: int = 1, bridge: bool = True, simulator: bool = True) -> "Pipeline":
         self.stack.start()
         self.services = Services(self.stack, self.workdir, partitions=self.partitions)
+        self.services.supervise()
         self.settings = Settings(
             kafka_bootstrap=self.stack.kafka_url, nats_url=self.stack.nats_url,
             data_dir=self.workdir / "data", topic_partitions=self.partitions,
@@ -137,8 +138,46 @@ class Pipeline:
                 return orders
             if time.monotonic() > deadline:
                 states = {i: orders[i].state.value if i in orders else None for i in missing[:10]}
+                self.dump_workers()
+                await self.probe_fetch()
                 raise TimeoutError(f"{len(missing)} orders not done after {timeout}s: {states}")
             await asyncio.sleep(0.5)
+
+    async def probe_fetch(self) -> None:
+        """Print what a group-less consumer reads and what the worker group has committed."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        from app.topics import FILLS, ORDERS_COMMANDS, SIGNALS_APPROVED
+
+        for topic in (SIGNALS_APPROVED, ORDERS_COMMANDS, FILLS):
+            records = await read_topic(self.settings, topic, idle=0.3, timeout=5)
+            print(f"probe: {topic}: {len(records)} records readable without a group")
+        c = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap_servers, group_id=self.settings.app_id,
+                             enable_auto_commit=False)
+        await c.start()
+        try:
+            tps = [TopicPartition(t, p) for t in (SIGNALS_APPROVED, ORDERS_COMMANDS, FILLS) for p in range(self.partitions)]
+            end = await c.end_offsets(tps)
+            for tp in tps:
+                print(f"probe: {tp.topic}[{tp.partition}] committed {await c.committed(tp)} end {end[tp]}")
+        finally:
+            await c.stop()
+
+    def dump_workers(self) -> None:
+        """Ask every running worker to log its asyncio tasks (SIGUSR1): for a post-mortem."""
+        import signal
+
+        import urllib.request
+
+        for svc in (self.services.running.values() if self.services else ()):
+            if svc.argv[0] == "worker" and svc.alive:
+                svc.proc.send_signal(signal.SIGUSR1)
+                try:
+                    url = f"http://127.0.0.1:{svc.web_port}/health?detail=1"
+                    print("health:", svc.name, urllib.request.urlopen(url, timeout=3).read().decode())
+                except Exception as exc:
+                    print("health:", svc.name, repr(getattr(exc, "read", lambda: exc)()))
+        time.sleep(1.0)
 
     async def nats_messages(self, subjects: str = "orders.>", stream: str = "ORDERS") -> list[tuple[str, bytes]]:
         """Every message stored in a JetStream stream under ``subjects``."""

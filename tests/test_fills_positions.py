@@ -1,0 +1,170 @@
+"""Fills ⋈ orders, slippage, positions and reconciliation, end to end on real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from datetime import datetime, timezone
+
+import nats
+import orjson
+import pytest
+
+from app.kafka_io import read_topic
+from app.models import Execution, OrderState, Position
+from app.sample import REFERENCE, signal_dict
+from app.topics import EXECUTIONS, FILLS_DLQ, ORDER_EXECUTION_ARCHIVE, POSITIONS, POSITIONS_DISCREPANCIES
+from pipeline import TEST_CONFIG, Pipeline
+from tables.fills import to_units
+from tables.idempotency import order_id_for
+
+pytestmark = pytest.mark.slow
+
+PARTITIONS = 4
+
+
+@pytest.fixture(scope="module")
+async def pipe(tmp_path_factory):
+    p = Pipeline(tmp_path_factory.mktemp("fills"), partitions=PARTITIONS)
+    await p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def oid(signal_id: str) -> str:
+    return order_id_for(signal_id, PARTITIONS)
+
+
+async def executions(pipe: Pipeline) -> dict[str, list[Execution]]:
+    """Applied fills per order, replays removed (same execution id)."""
+    seen, out = set(), defaultdict(list)
+    for r in await read_topic(pipe.settings, EXECUTIONS, idle=0.3):
+        e = Execution.model_validate_json(r.value)
+        if e.execution_id not in seen:
+            seen.add(e.execution_id)
+            out[e.order_id].append(e)
+    return out
+
+
+async def positions(pipe: Pipeline) -> dict[str, Position]:
+    latest: dict[str, Position] = {}
+    for r in await read_topic(pipe.settings, POSITIONS, idle=0.3):
+        p = Position.model_validate_json(r.value)
+        if p.key not in latest or p.version >= latest[p.key].version:
+            latest[p.key] = p
+    return latest
+
+
+async def publish_fills(pipe: Pipeline, fills: list[dict]) -> None:
+    nc = await nats.connect(pipe.stack.nats_url)
+    js = nc.jetstream()
+    for i, f in enumerate(fills):
+        # Each its own JetStream message id, so a deliberate duplicate deal gets through.
+        await js.publish(f"mt5.fills.{f['symbol']}", orjson.dumps(f), headers={"Nats-Msg-Id": f"test-{f['deal']}-{i}"})
+    await nc.close()
+
+
+async def test_a_few_hundred_signals_fills_vwap_and_positions_agree(pipe: Pipeline):
+    rng = random.Random(11)
+    for symbol, (mid, _) in REFERENCE.items():
+        await pipe.sim(cmd="set_price", symbol=symbol, mid=mid, hold=False)
+    signals = []
+    for i in range(240):
+        ot = rng.choices(["market", "limit", "stop", "stop_limit"], weights=[70, 12, 12, 6])[0]
+        signals.append(signal_dict(f"run-{i}", rng, order_type=ot, lots=rng.choice((0.01, 0.1, 1.0, 2.0, 7.0)),
+                                   account=rng.choice(("acc-1", "acc-2"))))
+    await pipe.publish_signals(signals, rate=200)
+    ids = [oid(s["signal_id"]) for s in signals]
+    market = [oid(s["signal_id"]) for s in signals if s.get("order_type", "market") == "market"]
+    await pipe.wait_orders(ids, done=lambda o: o.state is not OrderState.PENDING, timeout=120)
+    await pipe.wait_orders(market, timeout=120)
+    await asyncio.sleep(3)  # let pending orders that triggered finish their fills
+    orders = await pipe.orders()
+    execs = await executions(pipe)
+    filled = [orders[i] for i in ids if orders[i].state is OrderState.FILLED]
+    assert len(filled) >= len(market) * 0.9
+    assert any(len(execs[o.order_id]) > 1 for o in filled), "large orders fill in several deals"
+    for o in filled:
+        fills = execs[o.order_id]
+        assert sum(to_units(f.volume) for f in fills) == to_units(o.volume), o.order_id
+        vwap = sum(f.price * f.volume for f in fills) / sum(f.volume for f in fills)
+        assert o.avg_fill_price == pytest.approx(vwap, rel=1e-9)
+    # Positions equal the sum of all applied fills per account and symbol.
+    expected: dict[str, int] = defaultdict(int)
+    for fills in execs.values():
+        for f in fills:
+            expected[f"{f.account}:{f.symbol}"] += to_units(f.volume) * f.side.sign
+    held = await positions(pipe)
+    for key, units in expected.items():
+        assert to_units(held[key].net_volume) == units, key
+    # ... and the broker agrees.
+    snap = await pipe._request("mt5.positions.snapshot", {})
+    broker = {f"{p['account']}:{p['symbol']}": to_units(p["net_volume"]) for p in snap["positions"]}
+    for key, units in expected.items():
+        assert broker.get(key, 0) == units, key
+    for symbol, (mid, _) in REFERENCE.items():
+        await pipe.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+
+
+async def test_duplicate_out_of_order_and_unknown_fills(pipe: Pipeline):
+    rng = random.Random(12)
+    # A buy limit far below the market: placed at the broker, never triggered by it.
+    s = signal_dict("crafted-1", rng, symbol="EURUSD", order_type="limit", side="buy", lots=0.5, account="acc-x")
+    s["limit_price"] = round(s["entry_price"] - 0.0100, 5)
+    s["stop_loss"] = round(s["limit_price"] - 0.0020, 5)
+    await pipe.publish_signals([s])
+    i = oid("crafted-1")
+    await pipe.wait_orders([i], done=lambda o: o.state is OrderState.SUBMITTED)
+    now = datetime.now(timezone.utc).isoformat()
+    lim = s["limit_price"]
+
+    def fill(deal: int, price: float, volume: float, order_id: str = i) -> dict:
+        return {"order_id": order_id, "deal": deal, "ticket": 777, "symbol": "EURUSD", "side": "buy",
+                "price": price, "volume": volume, "time": now, "account": "acc-x"}
+
+    await publish_fills(pipe, [
+        fill(9002, lim + 0.0008, 0.3),  # the later deal first, 8 pips adverse: an alert
+        fill(9002, lim + 0.0008, 0.3),  # a duplicate
+        fill(9001, lim, 0.2),
+        fill(9999, lim, 0.1, order_id="Onosuchorder0000000000000000000"),
+    ])
+    o = (await pipe.wait_orders([i]))[i]
+    assert o.state is OrderState.FILLED
+    assert o.deals == (9002, 9001)
+    assert o.filled_volume == pytest.approx(0.5)
+    assert o.avg_fill_price == pytest.approx((0.3 * (lim + 0.0008) + 0.2 * lim) / 0.5)
+    assert o.slippage_pips == pytest.approx(4.8, abs=1e-6)
+    assert len((await executions(pipe))[i]) == 2
+    dlq = await read_topic(pipe.settings, FILLS_DLQ, idle=0.5)
+    assert any(b"unknown order" in r.headers["reason"] and b"Onosuchorder" in r.value for r in dlq)
+    archive = [orjson.loads(r.value) for r in await read_topic(pipe.settings, ORDER_EXECUTION_ARCHIVE, idle=0.3)]
+    assert any(e["type"] == "slippage_alert" and e["order_id"] == i for e in archive)
+    await asyncio.sleep(1)
+    subjects = {s for s, _ in await pipe.nats_messages("alerts.execution.>", stream="EXECUTION_ALERTS")}
+    assert {"alerts.execution.slippage", "alerts.execution.fills"} <= subjects
+
+
+async def test_reconciliation_finds_an_injected_discrepancy_and_corrects_it(pipe: Pipeline):
+    await pipe.sim(cmd="set_position", account="acc-9", symbol="GBPUSD", net_volume=1.5, avg_price=1.2711)
+    cfg = {"operational": {**TEST_CONFIG["operational"],
+                           "position_reconciliation": {"reconcile_interval_minutes": 0.05, "auto_correct_discrepancies": True}}}
+    await pipe.set_config(cfg)
+    try:
+        for _ in range(60):
+            held = await positions(pipe)
+            if "acc-9:GBPUSD" in held:
+                break
+            await asyncio.sleep(1)
+        assert held["acc-9:GBPUSD"].net_volume == pytest.approx(1.5)
+        found = [orjson.loads(r.value) for r in await read_topic(pipe.settings, POSITIONS_DISCREPANCIES, idle=0.3)]
+        d = next(d for d in found if (d["account"], d["symbol"]) == ("acc-9", "GBPUSD"))
+        assert d["kind"] == "missing_ours" and d["broker_net_volume"] == pytest.approx(1.5)
+        archive = [orjson.loads(r.value) for r in await read_topic(pipe.settings, ORDER_EXECUTION_ARCHIVE, idle=0.3)]
+        assert any(e["type"] == "position_corrected" and e["symbol"] == "GBPUSD" and e["account"] == "acc-9" for e in archive)
+        subjects = {s for s, _ in await pipe.nats_messages("alerts.execution.>", stream="EXECUTION_ALERTS")}
+        assert "alerts.execution.reconciliation" in subjects
+    finally:
+        await pipe.set_config(TEST_CONFIG)
