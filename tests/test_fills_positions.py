@@ -15,6 +15,8 @@ from app.kafka_io import read_topic
 from app.models import Execution, OrderState, Position
 from app.sample import REFERENCE, signal_dict
 from app.topics import EXECUTIONS, FILLS_DLQ, ORDER_EXECUTION_ARCHIVE, POSITIONS, POSITIONS_DISCREPANCIES
+from app.sinks.clickhouse import ClickHouseStore
+from app.sinks.kafka_clickhouse import ClickHouseSink
 from pipeline import TEST_CONFIG, Pipeline
 from tables.fills import to_units
 from tables.idempotency import order_id_for
@@ -28,9 +30,16 @@ PARTITIONS = 4
 async def pipe(tmp_path_factory):
     p = Pipeline(tmp_path_factory.mktemp("fills"), partitions=PARTITIONS)
     await p.start()
+    # The ClickHouse sink on chDB, in this process, beside the workers.
+    p.store = ClickHouseStore.from_dsn(f"chdb:///{p.workdir / 'chdb'}")
+    p.store.ensure_schema()
+    p.sink = ClickHouseSink(p.settings, store=p.store)
+    await p.sink.start()
     try:
         yield p
     finally:
+        await p.sink.stop()
+        p.store.close()
         p.stop()
 
 
@@ -105,8 +114,29 @@ async def test_a_few_hundred_signals_fills_vwap_and_positions_agree(pipe: Pipeli
     broker = {f"{p['account']}:{p['symbol']}": to_units(p["net_volume"]) for p in snap["positions"]}
     for key, units in expected.items():
         assert broker.get(key, 0) == units, key
+    # ... and ClickHouse holds the same numbers (the seed's queries read these views).
+    # Freeze the market so no pending order triggers while the two are compared.
     for symbol, (mid, _) in REFERENCE.items():
         await pipe.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+    await asyncio.sleep(3)
+    orders, execs = await pipe.orders(), await executions(pipe)
+    expected = defaultdict(int)
+    for fills in execs.values():
+        for f in fills:
+            expected[f"{f.account}:{f.symbol}"] += to_units(f.volume) * f.side.sign
+    await pipe.sink.wait_idle(timeout=60)
+    ch_orders = {r["order_id"]: r for r in pipe.store.query_dicts("SELECT * FROM orders")}
+    for i in ids:
+        o, row = orders[i], ch_orders[i]
+        assert (row["state"], row["version"]) == (o.state.value, o.version), i
+        assert to_units(row["filled_volume"]) == to_units(o.filled_volume)
+        if o.avg_fill_price is not None:
+            assert row["fill_price"] == pytest.approx(o.avg_fill_price, rel=1e-12)
+    ch_execs = pipe.store.query("SELECT count(), sum(volume) FROM executions")[0]
+    assert ch_execs[0] == sum(len(v) for v in execs.values())
+    ch_pos = {f"{r['account']}:{r['symbol']}": to_units(r["net_volume"]) for r in pipe.store.query_dicts("SELECT * FROM positions")}
+    for key, units in expected.items():
+        assert ch_pos[key] == units, key
 
 
 async def test_duplicate_out_of_order_and_unknown_fills(pipe: Pipeline):
