@@ -175,6 +175,14 @@ async def run(signals: int, rate: float, seed: int, workdir: Path) -> int:
         await _publish(stack.nats_url, items, rate)
         expected_orders = sum(v for k, v in mix.items() if k in ("market", "limit", "stop", "stop_limit", "broker_reject"))
         await _wait_idle(store, expected_orders)
+        # End of the session: freeze the market so the final figures hold still, and let
+        # anything that was already triggering finish.
+        for symbol in REFERENCE:
+            q = await _request(stack.nats_url, contract.CONTROL, {"cmd": "quote", "symbol": symbol})
+            await _request(stack.nats_url, contract.CONTROL,
+                           {"cmd": "set_price", "symbol": symbol, "bid": q["bid"], "ask": q["ask"], "hold": True})
+        await _wait_idle(store, expected_orders, idle_for=3.0)
+        await sink.wait_idle(timeout=60)
         await asyncio.sleep(1.0)
         await sink.stop()
         sink = None
