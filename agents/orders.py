@@ -144,6 +144,11 @@ class OrdersAgent:
         if order is None:
             self.rt.metrics.inc("unknown_fills")
             raise BadInput(f"order_id: unknown order {fill.order_id!r} (deal {fill.deal})")
+        await self.apply_deal(order, fill)
+
+    async def apply_deal(self, order: Order, fill: Fill) -> Order:
+        """Apply one broker deal to ``order`` (from the fills stream, or reported by the broker
+        in a status answer: a deal that never reached us is recovered there); returns the order."""
         now = utcnow()
         cfg = self.rt.config
         try:
@@ -152,7 +157,7 @@ class OrdersAgent:
             raise BadInput(f"symbol: {exc}") from None
         if r.is_duplicate:
             self.rt.metrics.inc("duplicate_fills")
-            return
+            return order
         outputs: list[Out] = []
         if r.execution is not None:
             outputs.append((EXECUTIONS, position_key(order.account, order.symbol), to_json(r.execution), None))
@@ -165,7 +170,7 @@ class OrdersAgent:
             if r.execution is None:
                 raise BadInput(f"fill refused: {r.reason}")
             await send_all(self.ctx, outputs)
-            return
+            return order
         t = order_state.apply(order, r.event_type, now, detail={"deal": fill.deal, "price": fill.price, "volume": fill.volume}, **r.updates)
         outputs += transition_outputs(t)
         new_order = t.order
@@ -191,6 +196,7 @@ class OrdersAgent:
             self.rt.metrics.observe_slippage(order.symbol, r.fill_slippage_pips)
         if new_order.state.is_final:
             self.closed(order.order_id)
+        return new_order
 
     # ------------------------------------------------------------------ commands
     async def on_command(self, raw: bytes) -> None:
@@ -211,6 +217,17 @@ class OrdersAgent:
         if cmd.kind is CommandKind.SUBMIT_RESULT:
             step = on_submit_result(order, cmd.payload, cmd.attempt)
         else:
+            # The broker's deals for this order: any that never reached us through the fills
+            # stream (lost before a crash, dead-lettered while the order was unknown) are
+            # applied now; the ones we have are recognised by their deal ticket.
+            for raw_deal in cmd.payload.get("deals") or ():
+                try:
+                    deal = Fill.model_validate(raw_deal)
+                except ValueError:
+                    continue
+                if deal.deal not in order.deals and deal.order_id == order.order_id:
+                    log.info("order %s: applying deal %s reported by the broker", order.order_id, deal.deal)
+                    order = await self.apply_deal(order, deal)
             step = on_broker_status(order, cmd.payload, stuck=bool(cmd.payload.get("stuck")))
         if step.event_type is None:
             log.debug("order %s: %s ignored (%s)", order.order_id, cmd.kind.value, step.reason)
@@ -329,7 +346,7 @@ class OrdersAgent:
                     self.checked[order_id] = time.monotonic()
                     log.info("order %s PENDING for %s: resuming its submission", order_id, age)
                     await self.start_submission(order, resume=True)
-            elif order.state is OrderState.SUBMITTED and age > stuck_after:
+            elif order.state in (OrderState.SUBMITTED, OrderState.PARTIALLY_FILLED) and age > stuck_after:
                 last = self.checked.get(order_id, 0.0)
                 if time.monotonic() - last < sub.stuck_order_timeout_seconds:
                     continue
