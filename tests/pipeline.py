@@ -15,10 +15,10 @@ import orjson
 from app import hub
 from app.kafka_io import read_topic
 from app.local import LocalStack, Services
-from app.models import Order, OrderEvent
+from app.models import Execution, Order, OrderEvent, Position
 from app.mt5 import contract
 from app.settings import Settings
-from app.topics import ORDER_EXECUTION_ARCHIVE, ORDERS_STATUS, ensure_topics
+from app.topics import EXECUTIONS, ORDER_EXECUTION_ARCHIVE, ORDERS_STATUS, POSITIONS, ensure_topics
 from support import publish
 
 #: Fast timeouts so stuck-order and retry paths finish within a test.
@@ -107,14 +107,34 @@ class Pipeline:
                 await asyncio.sleep(0.2)
 
     # ------------------------------------------------------------------ outputs
+    async def _latest(self, topic: str, model: Any, key: Callable[[Any], str]) -> dict[str, Any]:
+        """The highest-version snapshot per key of a topic of versioned snapshots."""
+        latest: dict[str, Any] = {}
+        for r in await read_topic(self.settings, topic, idle=0.3):
+            m = model.model_validate_json(r.value)
+            k = key(m)
+            if k not in latest or m.version >= latest[k].version:
+                latest[k] = m
+        return latest
+
     async def orders(self) -> dict[str, Order]:
         """The latest snapshot of every order on ``orders.status`` (highest version)."""
-        latest: dict[str, Order] = {}
-        for r in await read_topic(self.settings, ORDERS_STATUS, idle=0.3):
-            o = Order.model_validate_json(r.value)
-            if o.order_id not in latest or o.version >= latest[o.order_id].version:
-                latest[o.order_id] = o
-        return latest
+        return await self._latest(ORDERS_STATUS, Order, lambda o: o.order_id)
+
+    async def positions(self) -> dict[str, Position]:
+        """The latest snapshot of every position on ``positions`` (highest version)."""
+        return await self._latest(POSITIONS, Position, lambda p: p.key)
+
+    async def executions(self, timeout: float = 30.0) -> dict[str, list[Execution]]:
+        """Applied fills per order, replays removed (same execution id)."""
+        seen: set[str] = set()
+        out: dict[str, list[Execution]] = defaultdict(list)
+        for r in await read_topic(self.settings, EXECUTIONS, idle=0.5, timeout=timeout):
+            e = Execution.model_validate_json(r.value)
+            if e.execution_id not in seen:
+                seen.add(e.execution_id)
+                out[e.order_id].append(e)
+        return out
 
     async def events(self) -> dict[str, list[OrderEvent]]:
         """Archive events per order id, replays removed (same event id), in version order."""
@@ -176,7 +196,7 @@ class Pipeline:
                     url = f"http://127.0.0.1:{svc.web_port}/health?detail=1"
                     print("health:", svc.name, urllib.request.urlopen(url, timeout=3).read().decode())
                 except Exception as exc:
-                    print("health:", svc.name, repr(getattr(exc, "read", lambda: exc)()))
+                    print("health:", svc.name, repr(getattr(exc, "read", lambda e=exc: e)()))
         time.sleep(1.0)
 
     async def nats_messages(self, subjects: str = "orders.>", stream: str = "ORDERS") -> list[tuple[str, bytes]]:

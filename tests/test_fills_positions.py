@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from app.kafka_io import read_topic
-from app.models import Execution, OrderState, Position
+from app.models import OrderState
 from app.sample import REFERENCE, signal_dict
-from app.topics import EXECUTIONS, FILLS_DLQ, ORDER_EXECUTION_ARCHIVE, POSITIONS, POSITIONS_DISCREPANCIES
+from app.topics import FILLS_DLQ, ORDER_EXECUTION_ARCHIVE, POSITIONS_DISCREPANCIES
 from app.sinks.clickhouse import ClickHouseStore
 from app.sinks.kafka_clickhouse import ClickHouseSink
 from pipeline import TEST_CONFIG, Pipeline
@@ -47,26 +47,6 @@ def oid(signal_id: str) -> str:
     return order_id_for(signal_id, PARTITIONS)
 
 
-async def executions(pipe: Pipeline) -> dict[str, list[Execution]]:
-    """Applied fills per order, replays removed (same execution id)."""
-    seen, out = set(), defaultdict(list)
-    for r in await read_topic(pipe.settings, EXECUTIONS, idle=0.3):
-        e = Execution.model_validate_json(r.value)
-        if e.execution_id not in seen:
-            seen.add(e.execution_id)
-            out[e.order_id].append(e)
-    return out
-
-
-async def positions(pipe: Pipeline) -> dict[str, Position]:
-    latest: dict[str, Position] = {}
-    for r in await read_topic(pipe.settings, POSITIONS, idle=0.3):
-        p = Position.model_validate_json(r.value)
-        if p.key not in latest or p.version >= latest[p.key].version:
-            latest[p.key] = p
-    return latest
-
-
 async def publish_fills(pipe: Pipeline, fills: list[dict]) -> None:
     nc = await nats.connect(pipe.stack.nats_url)
     js = nc.jetstream()
@@ -96,7 +76,7 @@ async def test_a_few_hundred_signals_fills_vwap_and_positions_agree(pipe: Pipeli
         await pipe.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
     await asyncio.sleep(3)
     orders = await pipe.orders()
-    execs = await executions(pipe)
+    execs = await pipe.executions()
     filled = [orders[i] for i in ids if orders[i].state is OrderState.FILLED]
     assert len(filled) >= len(market) * 0.9
     assert any(len(execs[o.order_id]) > 1 for o in filled), "large orders fill in several deals"
@@ -110,7 +90,7 @@ async def test_a_few_hundred_signals_fills_vwap_and_positions_agree(pipe: Pipeli
     for fills in execs.values():
         for f in fills:
             expected[f"{f.account}:{f.symbol}"] += to_units(f.volume) * f.side.sign
-    held = await positions(pipe)
+    held = await pipe.positions()
     for key, units in expected.items():
         assert to_units(held[key].net_volume) == units, key
     # ... and the broker agrees.
@@ -162,7 +142,7 @@ async def test_duplicate_out_of_order_and_unknown_fills(pipe: Pipeline):
     assert o.filled_volume == pytest.approx(0.5)
     assert o.avg_fill_price == pytest.approx((0.3 * (lim + 0.0008) + 0.2 * lim) / 0.5)
     assert o.slippage_pips == pytest.approx(4.8, abs=1e-6)
-    assert len((await executions(pipe))[i]) == 2
+    assert len((await pipe.executions())[i]) == 2
     dlq = await read_topic(pipe.settings, FILLS_DLQ, idle=0.5)
     assert any(b"unknown order" in r.headers["reason"] and b"Onosuchorder" in r.value for r in dlq)
     archive = [orjson.loads(r.value) for r in await read_topic(pipe.settings, ORDER_EXECUTION_ARCHIVE, idle=0.3)]
@@ -179,7 +159,7 @@ async def test_reconciliation_finds_an_injected_discrepancy_and_corrects_it(pipe
     await pipe.set_config(cfg)
     try:
         for _ in range(60):
-            held = await positions(pipe)
+            held = await pipe.positions()
             if "acc-9:GBPUSD" in held:
                 break
             await asyncio.sleep(1)
