@@ -513,3 +513,21 @@ async def test_stats_shape(env):
     for key in ("requests", "orders", "by_comment", "executed", "deals"):
         assert key in s
     assert (s["requests"], s["orders"], s["by_comment"], s["executed"], s["deals"]) == (1, 1, {"st-1": 1}, {"st-1": 1}, 1)
+
+
+async def test_receipts_record_when_each_order_first_arrived(env):
+    await hold(env, 1.08000)
+    before = time.time()
+    await env.client.submit(order("rc-1", "rc"))
+    between = time.time()
+    await env.client.submit(order("rc-2", "rc"))
+    await env.client.submit(order("rc-1", "rc"))  # a deduped resend keeps the first receipt
+    after = time.time()
+    got = (await ctl(env, cmd="receipts", comments=["rc-1", "rc-2", "never-sent"]))["received"]
+    assert set(got) == {"rc-1", "rc-2"}  # ids never received are left out
+    assert before <= got["rc-1"] <= between <= got["rc-2"] <= after
+    assert (await ctl(env, cmd="receipts"))["received"] == got  # no list: every receipt
+    await ctl(env, cmd="reset")
+    assert (await ctl(env, cmd="receipts"))["received"] == {}
+    bad = await control(env.nc, cmd="receipts", comments="rc-1")
+    assert bad["ok"] is False and "list" in bad["error"]

@@ -20,7 +20,9 @@ What it does, like an MT5 trade server behind a connector:
   ``deal-{deal}``, from an outbox that retries until JetStream acknowledges;
 * obeys control commands on ``mt5.sim.control`` (forced prices, injected rejects, lost
   replies, lost requests, position discrepancies, closed markets) and reports statistics
-  on ``mt5.sim.stats``.
+  on ``mt5.sim.stats``;
+* records when the first submit request of each client order id arrived (wall clock), for
+  latency measurements (control command ``receipts``).
 
 All state is changed by synchronous code on one event loop (request callbacks, the ticker),
 so no locks are needed.  Prices are deterministic per symbol given the seed and the number
@@ -313,6 +315,8 @@ class BrokerSimulator:
         self.stats: Counter = Counter()
         self.by_comment: Counter = Counter()
         self.executed: Counter = Counter()
+        #: comment -> wall-clock time (``time.time()``) the first submit request for it arrived
+        self.received: dict[str, float] = {}
 
     def _ticket(self) -> int:
         self._next_ticket += 1
@@ -649,6 +653,7 @@ class BrokerSimulator:
         return TradeResult(retcode=int(retcode), comment=text, **kw)
 
     def _on_submit(self, data: bytes) -> bytes | None:
+        now = time.time()
         self._next_request += 1
         self.stats["requests"] += 1
         try:
@@ -664,6 +669,7 @@ class BrokerSimulator:
             self.stats["invalid_requests"] += 1
             return self._reply(self._result(Retcode.INVALID, None, f"invalid request: {reason}", request_comment=comment))
         self.by_comment[req.comment] += 1
+        self.received.setdefault(req.comment, now)
         if self.faults.drop_unprocessed > 0:
             self.faults.drop_unprocessed -= 1
             self.stats["dropped_unprocessed"] += 1
@@ -914,7 +920,10 @@ class BrokerSimulator:
     def control(self, cmd: dict) -> dict[str, Any]:
         """Apply a control command (see ``CONTRACT.md``); returns extra reply fields."""
         name = cmd["cmd"]
-        log.info("control: %s", cmd)
+        if name == "receipts":  # asked in bulk by the latency benchmark: do not log thousands of ids
+            log.debug("control: receipts for %s comments", len(cmd.get("comments") or ()) or "all")
+        else:
+            log.info("control: %s", cmd)
         if name == "set_price":
             m = self._market(cmd)
             spread = m.spread_points * m.spec.point
@@ -994,6 +1003,13 @@ class BrokerSimulator:
         if name == "set_sl_tp":
             self.enable_sl_tp = bool(cmd.get("enabled", True))
             return {}
+        if name == "receipts":
+            wanted = cmd.get("comments")
+            if wanted is None:
+                return {"received": dict(self.received)}
+            if not isinstance(wanted, list):
+                raise ValueError("receipts: comments must be a list")
+            return {"received": {c_: self.received[c_] for c_ in map(str, wanted) if c_ in self.received}}
         if name == "reset":
             self._init_state()
             return {}
