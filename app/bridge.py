@@ -8,7 +8,13 @@ crash between the Kafka ack and the NATS ack) and are removed downstream by the 
 agents' dedupe tables.
 
 Invalid messages go to the route's dead-letter topic with the original bytes as the value
-and the subject and reason as headers, and are then acknowledged.  A message whose subject
+and the subject and reason as headers, and are then acknowledged.  A payload larger than
+``max_payload`` (64 KiB: a signal or a fill is a few hundred bytes) is invalid whatever it
+holds.  A dead letter keeps at most ``MAX_DEAD_LETTER_BYTES`` of the original (NATS allows
+larger messages than a Kafka record); a cut one carries the headers ``truncated``,
+``original_size`` and ``sha256`` (of the whole original).  A record Kafka refuses for itself
+(too large, a key that cannot be encoded) is dead-lettered too: only an unavailable Kafka
+holds a batch back.  A message whose subject
 is outside the route's filter is never forwarded (defence in depth: the consumer's filter
 subject already excludes it, e.g. ``signals.rejected.>``).
 
@@ -19,6 +25,7 @@ closes its clients.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
 from collections import Counter
@@ -27,6 +34,7 @@ from typing import Callable
 
 import nats
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel
@@ -36,6 +44,13 @@ from app.settings import Settings
 from app.topics import FILLS, FILLS_DLQ, SIGNALS_APPROVED, SIGNALS_DLQ, ensure_topics
 
 log = logging.getLogger("execution.bridge")
+
+#: Largest payload forwarded; anything larger is dead-lettered unread.
+MAX_PAYLOAD_BYTES = 64 * 1024
+#: Largest value of a dead letter: well below the producer's 1 MiB request limit, headers included.
+MAX_DEAD_LETTER_BYTES = 512 * 1024
+#: Longest ``reason`` header.
+MAX_REASON_BYTES = 4000
 
 
 @dataclass(frozen=True)
@@ -100,12 +115,14 @@ class Bridge:
         batch_size: int = 256,
         fetch_timeout: float = 1.0,
         ack_wait: float = 30.0,
+        max_payload: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         self.settings = settings
         self.routes = routes
         self.batch_size = batch_size
         self.fetch_timeout = fetch_timeout
         self.ack_wait = ack_wait
+        self.max_payload = max_payload
         self.stats = BridgeStats()
         self._stopping = asyncio.Event()
         self._nc: nats.NATS | None = None
@@ -202,23 +219,40 @@ class Bridge:
         assert self._producer is not None
         if not subject_matches(route.subject, msg.subject):
             return await self._dead_letter(route, msg, f"subject {msg.subject} is not routed by {route.subject}")
+        if len(msg.data) > self.max_payload:
+            return await self._dead_letter(
+                route, msg, f"payload: {len(msg.data)} bytes, more than the {self.max_payload}-byte limit")
         try:
             model = from_json(route.model, msg.data)
         except DecodeError as exc:
             return await self._dead_letter(route, msg, exc.reason)
+        try:
+            future = await self._producer.send(route.topic, msg.data, key=route.key(model).encode())
+        except (MessageSizeTooLargeError, ValueError, TypeError) as exc:
+            # This record can never be written (Kafka's size limit, a key it cannot encode):
+            # retrying would hold the route for ever.  Kafka being down is not among these.
+            return await self._dead_letter(route, msg, f"payload: not forwardable: {type(exc).__name__}: {exc}")
         self.stats.forwarded[route.topic] += 1
-        return await self._producer.send(route.topic, msg.data, key=route.key(model).encode())
+        return future
 
     async def _dead_letter(self, route: Route, msg, reason: str) -> asyncio.Future:
         assert self._producer is not None
         self.stats.dead_lettered[route.dlq_topic] += 1
         log.info("%s: dead letter from %s: %s", route.name, msg.subject, reason)
         headers = [
-            ("reason", reason.encode()),
-            ("subject", msg.subject.encode()),
+            ("reason", reason.encode(errors="backslashreplace")[:MAX_REASON_BYTES]),
+            ("subject", msg.subject.encode(errors="backslashreplace")),
             ("route", route.name.encode()),
         ]
-        return await self._producer.send(route.dlq_topic, msg.data, headers=headers)
+        value = msg.data
+        if len(value) > MAX_DEAD_LETTER_BYTES:
+            headers += [
+                ("truncated", b"1"),
+                ("original_size", str(len(value)).encode()),
+                ("sha256", hashlib.sha256(value).hexdigest().encode()),
+            ]
+            value = value[:MAX_DEAD_LETTER_BYTES]
+        return await self._producer.send(route.dlq_topic, value, headers=headers)
 
 
 async def ensure_stream(js, name: str, subjects: list[str]) -> None:
