@@ -1,6 +1,6 @@
 """End-to-end throughput on one worker, beside a raw aiokafka pass-through on the same broker.
 
-    python bench/throughput.py [--signals 2000] [--partitions 4]
+    python bench/throughput.py [--signals 2000] [--partitions 4] [--workers 1 2]
 
 Prints, in one run on the same Tansu broker:
 
@@ -9,7 +9,10 @@ Prints, in one run on the same Tansu broker:
 * end to end: approved signals published to NATS until every order is FILLED and its fills
   are applied (signals/s);
 * the ratio, and the setting ``producer_max_batch_size`` both ran with (Tansu's local
-  profile forces one record per batch; see app/settings.py).
+  profile forces one record per batch; see app/settings.py);
+* with ``--workers 1 2``: the end-to-end figure with each number of workers (a fresh stack
+  for each, the same signals, measured once every worker is healthy and the assignment
+  settled), side by side with the ratio to the first.
 """
 
 from __future__ import annotations
@@ -23,15 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from app.kafka_io import topic_counts
+from app.sample import REFERENCE, signal_dict
+from app.topics import EXECUTIONS, ORDERS_STATUS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
-
-from app.kafka_io import topic_counts  # noqa: E402
-from app.sample import REFERENCE, signal_dict  # noqa: E402
-from app.topics import EXECUTIONS, ORDERS_STATUS  # noqa: E402
 
 
 async def passthrough(settings, n: int, partitions: int) -> float:
@@ -85,26 +87,77 @@ async def end_to_end(p, n: int, partitions: int) -> tuple[float, float]:
     return n / elapsed, n / published
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--signals", type=int, default=2000)
-    ap.add_argument("--partitions", type=int, default=4)
-    args = ap.parse_args()
+def worker_health(port: int) -> dict | None:
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):  # not up yet, or 503 while it recovers or rebalances
+        return None
+
+
+async def wait_settled(p, timeout: float = 120.0) -> float:
+    """Wait until every worker is healthy (tables recovered, not rebalancing) with the same
+    partition assignment on two polls a second apart: joining workers rebalance the others."""
+    workers = [svc for svc in p.services.running.values() if svc.argv[0] == "worker"]
+    start = time.monotonic()
+    deadline = start + timeout
+    last = None
+    while time.monotonic() < deadline:
+        health = [await asyncio.to_thread(worker_health, svc.web_port) for svc in workers]
+        now = [h["assigned_partitions"] if h and h.get("status") == "ok" else None for h in health]
+        if None not in now and all(now) and now == last:
+            return time.monotonic() - start
+        last = now
+        await asyncio.sleep(1.0)
+    raise TimeoutError(f"workers not settled after {timeout}s: {last}")
+
+
+async def run_workers(args, workers: int, with_passthrough: bool) -> tuple[float | None, float, float, object]:
+    """A fresh stack with ``workers`` workers: (pass-through msg/s or None, end-to-end, publisher)."""
     from pipeline import Pipeline
 
     p = Pipeline(Path(tempfile.mkdtemp(prefix="bench-")), partitions=args.partitions, config={})
-    await p.start()
+    await p.start(workers=workers)
     try:
-        s = p.settings
-        print(f"broker: Tansu (local profile); producer_max_batch_size={s.effective('producer_max_batch_size')}; "
-              f"partitions={args.partitions}; signals={args.signals}")
-        raw = await passthrough(s, args.signals, args.partitions)
+        await wait_settled(p)
+        raw = await passthrough(p.settings, args.signals, args.partitions) if with_passthrough else None
         e2e, pub = await end_to_end(p, args.signals, args.partitions)
-        print(f"raw aiokafka consume->produce pass-through: {raw:10.0f} msg/s")
-        print(f"end to end NATS -> FILLED order + position:  {e2e:10.0f} signals/s (publisher alone: {pub:.0f}/s)")
-        print(f"ratio end-to-end / pass-through: {e2e / raw:.2f}")
+        return raw, e2e, pub, p.settings
     finally:
         p.stop()
+
+
+async def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--signals", type=int, default=2000)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1],
+                    help="worker counts to compare, e.g. 1 2 (a fresh stack for each, same signals)")
+    args = ap.parse_args(argv)
+    runs: dict[int, tuple[float, float]] = {}
+    raw = None
+    for i, w in enumerate(args.workers):
+        r, e2e, pub, s = await run_workers(args, w, with_passthrough=i == 0)
+        runs[w] = (e2e, pub)
+        if i == 0:
+            raw = r
+            print(f"broker: Tansu (local profile); producer_max_batch_size={s.effective('producer_max_batch_size')}; "
+                  f"partitions={args.partitions}; signals={args.signals}")
+            print(f"raw aiokafka consume->produce pass-through: {raw:10.0f} msg/s")
+            print(f"end to end NATS -> FILLED order + position:  {e2e:10.0f} signals/s (publisher alone: {pub:.0f}/s)"
+                  + ("" if w == 1 else f" [{w} workers]"))
+            print(f"ratio end-to-end / pass-through: {e2e / raw:.2f}", flush=True)
+    if len(runs) > 1:
+        first = args.workers[0]
+        print(f"scale-out (a fresh stack per worker count, {args.signals} signals each; "
+              f"the pass-through ran on the first stack):")
+        print(f"  {'workers':>7} {'signals/s':>10} {'publisher/s':>12} {f'vs {first} worker(s)':>16} {'vs pass-through':>16}")
+        for w, (e2e, pub) in runs.items():
+            print(f"  {w:7d} {e2e:10.0f} {pub:12.0f} {e2e / runs[first][0]:16.2f} {e2e / raw:16.2f}")
+    return {"passthrough": raw, "runs": runs}
 
 
 if __name__ == "__main__":

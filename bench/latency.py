@@ -1,0 +1,366 @@
+"""Latency from NATS publish to broker submission, at fixed publish rates.
+
+    python bench/latency.py [--rates 100 1000 5000] [--seconds 2] [--signals N] [--partitions 4]
+
+One local stack (Tansu, nats-server, the MT5 simulator, the bridge, one worker), prices held
+at the reference mids so market orders fill without requotes.  For each rate:
+
+* baseline ("direct"): the same number of trade requests published straight to
+  ``mt5.orders.submit`` at the same rate: the broker hop alone, no bridge, Kafka or worker
+  (on a closed market, so they are refused without deals and add no fills to the service);
+* the service: approved signals published to JetStream (``signals.approved.<symbol>``) at the
+  rate, paced by the clock; each signal's publish time (``time.time()`` just before the
+  publish) is matched with the time the simulator received the order's first trade request
+  (its ``receipts``: the order id is ``tables.idempotency.order_id_for(signal_id,
+  partitions)``, the MT5 comment ``tables.order_types.comment_for(order_id)``), same machine,
+  same wall clock.
+
+Prints per rate: the achieved publish rate, how many signals reached the broker, the rate at
+which they reached it, p50/p99/p99.9/max latency of both runs and the ratio of the p99s.  When
+the service cannot keep up with a rate, the signals queue and the latency grows along the run;
+the output says so (with the p50 of the first and last tenth of the signals) instead of
+presenting those figures as the service's latency.  Between rates the stack is left to drain
+(every order filled and applied) so a rate does not inherit the previous one's backlog.
+
+Prints the broker and ``producer_max_batch_size`` (Tansu's local profile forces 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from app.kafka_io import topic_counts
+from app.local import tansu_binary
+from app.mt5 import contract
+from app.sample import REFERENCE, signal_dict
+from app.topics import EXECUTIONS, SIGNALS_APPROVED
+from tables.idempotency import order_id_for
+from tables.order_types import comment_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+#: A symbol the simulator quotes but the sample signals never use: the baseline's market,
+#: closed so its requests are received (and timed) but make no deals.
+DIRECT_SYMBOL = "NZDUSD"
+RECEIPTS_CHUNK = 2000
+
+
+def broker_line(settings) -> str:
+    return (f"broker: Tansu ({Path(tansu_binary()).name}, {settings.profile.value} profile); "
+            f"producer_max_batch_size={settings.effective('producer_max_batch_size')}")
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (``q`` in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, math.ceil(round(q * len(sorted_values) / 100, 9)) - 1))
+    return sorted_values[k]
+
+
+@dataclass
+class Run:
+    """One paced run: what was published when, and when the broker received it."""
+
+    target_rate: float
+    published: dict[str, float] = field(default_factory=dict)  # comment -> publish time
+    order: list[str] = field(default_factory=list)  # comments in publish order
+    received: dict[str, float] = field(default_factory=dict)  # comment -> broker receipt time
+    signal_ids: dict[str, str] = field(default_factory=dict)  # comment -> signal id (service runs)
+    in_kafka: dict[str, float] = field(default_factory=dict)  # comment -> signals.approved record time
+    publish_errors: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.order)
+
+    @property
+    def achieved_rate(self) -> float:
+        times = [self.published[c] for c in self.order]
+        span = times[-1] - times[0] if len(times) > 1 else 0.0
+        return (len(times) - 1) / span if span > 0 else float("inf")
+
+    @property
+    def reached(self) -> int:
+        return sum(1 for c in self.order if c in self.received)
+
+    @property
+    def broker_rate(self) -> float:
+        """Signals per second reaching the broker, over the span of the receipts (comparable
+        with the publish rate: a service that keeps up receives as fast as it is sent)."""
+        times = [self.received[c] for c in self.order if c in self.received]
+        span = max(times) - min(times) if len(times) > 1 else 0.0
+        return (len(times) - 1) / span if span > 0 else float("inf")
+
+    def latencies_ms(self, comments: list[str] | None = None) -> list[float]:
+        return sorted((self.received[c] - self.published[c]) * 1000.0
+                      for c in (comments if comments is not None else self.order) if c in self.received)
+
+    def split_ms(self) -> tuple[list[float], list[float]]:
+        """(publish -> Kafka record, Kafka record -> broker receipt) latencies, ms, ascending.
+        Kafka record times have millisecond resolution."""
+        bridge = sorted((self.in_kafka[c] - self.published[c]) * 1000.0 for c in self.order if c in self.in_kafka)
+        worker = sorted((self.received[c] - self.in_kafka[c]) * 1000.0
+                        for c in self.order if c in self.in_kafka and c in self.received)
+        return bridge, worker
+
+    def stats(self) -> dict[str, float]:
+        lat = self.latencies_ms()
+        tenth = max(1, self.n // 10)
+        first, last = self.latencies_ms(self.order[:tenth]), self.latencies_ms(self.order[-tenth:])
+        # the first and last tenth of the signals, in publish order: a queue shows as growth
+        return {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "p999": percentile(lat, 99.9),
+                "max": lat[-1] if lat else float("nan"), "first_p50": percentile(first, 50),
+                "last_p50": percentile(last, 50)}
+
+    def trend(self) -> float:
+        """How fast the latency grows along the run: the least-squares slope of latency against
+        publish time, in ms per second of publishing.  About 0 when the service keeps up; about
+        1000 x (1 - service rate / publish rate) when signals queue."""
+        pts = [(self.published[c], self.received[c] - self.published[c]) for c in self.order if c in self.received]
+        if len(pts) < 3:
+            return 0.0
+        mt = sum(t for t, _ in pts) / len(pts)
+        ml = sum(v for _, v in pts) / len(pts)
+        var = sum((t - mt) ** 2 for t, _ in pts)
+        return 1000.0 * sum((t - mt) * (v - ml) for t, v in pts) / var if var > 0 else 0.0
+
+    def kept_up(self) -> bool:
+        """Every signal reached the broker and the latency did not grow along the run (a queue
+        grows by ``1 - service rate / publish rate`` seconds per second; 100 ms/s is the limit)."""
+        return self.reached == self.n and self.trend() < 100.0
+
+
+async def paced(n: int, rate: float, send) -> list[float]:
+    """Call ``await send(i)`` for i in 0..n-1 at ``rate`` per second, by the clock (catching up
+    in bursts when behind); returns each call's ``time.time()`` taken just before it."""
+    times = [0.0] * n
+    start = time.perf_counter()
+    i = 0
+    while i < n:
+        due = min(n, int((time.perf_counter() - start) * rate) + 1)
+        while i < due:
+            times[i] = time.time()
+            await send(i)
+            i += 1
+        if i < n:
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+    return times
+
+
+async def receipts(nc, comments: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k in range(0, len(comments), RECEIPTS_CHUNK):
+        chunk = comments[k:k + RECEIPTS_CHUNK]
+        msg = await nc.request(contract.CONTROL, orjson.dumps({"cmd": "receipts", "comments": chunk}), timeout=10)
+        reply = orjson.loads(msg.data)
+        if not reply.get("ok"):
+            raise RuntimeError(f"receipts: {reply}")
+        out.update(reply["received"])
+    return out
+
+
+async def wait_receipts(nc, run: Run, timeout: float) -> None:
+    """Collect receipts until every published comment has one, or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [c for c in run.order if c not in run.received]
+        if missing:
+            run.received.update(await receipts(nc, missing))
+        if run.reached == run.n or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(1.0)
+
+
+async def direct_run(nc, rate: float, n: int, tag: str, partitions: int, timeout: float) -> Run:
+    """The baseline: trade requests straight to ``mt5.orders.submit`` at ``rate``."""
+    run = Run(rate)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)  # replies (10018, market closed) land here and are dropped
+    payloads = []
+    for i in range(n):
+        comment = comment_for(order_id_for(f"direct-{tag}-{i}", partitions))
+        run.order.append(comment)
+        payloads.append(orjson.dumps({
+            "action": 1, "symbol": DIRECT_SYMBOL, "volume": 0.1, "type": i % 2, "price": 0.0,
+            "deviation": 30, "magic": 20240611, "comment": comment, "account": "bench-direct"}))
+
+    async def send(i: int) -> None:
+        await nc.publish(contract.SUBMIT, payloads[i], reply=inbox)
+
+    times = await paced(n, rate, send)
+    await nc.flush()
+    run.published = dict(zip(run.order, times))
+    await wait_receipts(nc, run, timeout)
+    await sub.unsubscribe()
+    return run
+
+
+async def service_run(p, nc, rate: float, n: int, tag: str, partitions: int, timeout: float,
+                      rng: random.Random) -> Run:
+    """Approved signals through the whole service at ``rate``."""
+    run = Run(rate)
+    js = nc.jetstream()
+    items = []
+    for i in range(n):
+        s = signal_dict(f"lat-{tag}-{i}", rng, order_type="market", lots=0.1)
+        comment = comment_for(order_id_for(s["signal_id"], partitions))
+        run.order.append(comment)
+        run.signal_ids[comment] = s["signal_id"]
+        items.append((f"signals.approved.{s['symbol']}", orjson.dumps(s)))
+    acks: list[asyncio.Future] = []
+
+    async def send(i: int) -> None:
+        acks.append(await js.publish_async(*items[i]))
+
+    times = await paced(n, rate, send)
+    run.published = dict(zip(run.order, times))
+    results = await asyncio.gather(*acks, return_exceptions=True)
+    run.publish_errors = sum(1 for r in results if isinstance(r, BaseException))
+    await wait_receipts(nc, run, timeout)
+    by_signal = await kafka_times(p.settings, SIGNALS_APPROVED, set(run.signal_ids.values()))
+    run.in_kafka = {c: by_signal[sid] for c, sid in run.signal_ids.items() if sid in by_signal}
+    return run
+
+
+async def kafka_times(settings, topic: str, keys: set[str]) -> dict[str, float]:
+    """The record timestamp (CreateTime: when the bridge produced it, ms) of the first record of
+    each key in ``keys`` on ``topic``, in seconds."""
+    consumer = AIOKafkaConsumer(**settings.aiokafka_common(), enable_auto_commit=False)
+    await consumer.start()
+    out: dict[str, float] = {}
+    try:
+        tps = [TopicPartition(topic, q) for q in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not tps:
+            await consumer._client.force_metadata_update()
+            tps = [TopicPartition(topic, q) for q in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if end[tp] > 0}
+        while remaining:
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+            for msgs in (await consumer.getmany(timeout_ms=500)).values():
+                for m in msgs:
+                    k = m.key.decode() if m.key else ""
+                    if k in keys and k not in out:
+                        out[k] = m.timestamp / 1000.0
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def wait_drained(p, expected_executions: int, timeout: float) -> bool:
+    """Wait until every filled order's execution is on the ``executions`` topic (the worker is idle)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (await topic_counts(p.settings, [EXECUTIONS]))[EXECUTIONS] >= expected_executions:
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
+def ms(x: float) -> str:
+    return f"{x:8.1f}"
+
+
+def report_rate(rate: float, direct: Run, svc: Run) -> list[str]:
+    d, s = direct.stats(), svc.stats()
+    lines = [
+        (f"rate {rate:>6.0f}/s  signals {svc.n:6d}  published at {svc.achieved_rate:7.0f}/s  "
+         f"reached the broker {svc.reached}/{svc.n} at {svc.broker_rate:7.0f}/s  "
+         f"latency trend {svc.trend():+.0f} ms/s"
+         + (f"  publish errors {svc.publish_errors}" if svc.publish_errors else "")),
+        f"  {'':28}{'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>8} {'max ms':>8}",
+        (f"  {'direct to the broker (base)':28}{ms(d['p50'])} {ms(d['p99'])} {ms(d['p999'])} {ms(d['max'])}"
+         f"   ({direct.reached}/{direct.n} received, published at {direct.achieved_rate:.0f}/s)"),
+        (f"  {'NATS -> service -> broker':28}{ms(s['p50'])} {ms(s['p99'])} {ms(s['p999'])} {ms(s['max'])}"
+         f"   ratio p99 service/direct: {s['p99'] / d['p99']:.0f}"),
+    ]
+    bridge, worker = svc.split_ms()
+    if bridge and worker:
+        lines.append(f"  {'  of which NATS -> Kafka':28}{ms(percentile(bridge, 50))} {ms(percentile(bridge, 99))} "
+                     f"{ms(percentile(bridge, 99.9))} {ms(bridge[-1])}   (bridge; Kafka record time, ms resolution)")
+        lines.append(f"  {'  of which Kafka -> broker':28}{ms(percentile(worker, 50))} {ms(percentile(worker, 99))} "
+                     f"{ms(percentile(worker, 99.9))} {ms(worker[-1])}   (worker)")
+    if svc.n < 1000:
+        lines.append(f"  ({svc.n} signals: p99.9 is the maximum; more with --seconds or --signals)")
+    if svc.achieved_rate < 0.95 * rate:
+        lines.append(f"  NOTE: the publisher reached only {svc.achieved_rate:.0f}/s of the {rate:.0f}/s asked "
+                     "(this machine could not publish faster beside the running stack)")
+    if not svc.kept_up():
+        lines.append(f"  NOT KEPT UP: the service passed {svc.broker_rate:.0f} signals/s to the broker while "
+                     f"{svc.achieved_rate:.0f}/s were published; signals queued (latency grew "
+                     f"{svc.trend():.0f} ms per second of publishing: p50 of the first tenth of the signals "
+                     f"{s['first_p50']:.1f} ms, of the last tenth {s['last_p50']:.1f} ms), so these latencies "
+                     "are mostly queueing and depend on how long the rate is held (--seconds)")
+    if svc.reached < svc.n:
+        lines.append(f"  MISSING: {svc.n - svc.reached} signals had not reached the broker when the wait ended")
+    return lines
+
+
+async def main(argv: list[str] | None = None) -> list[tuple[float, Run, Run]]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rates", type=float, nargs="+", default=[100, 1000, 5000], help="publish rates, signals/s")
+    ap.add_argument("--seconds", type=float, default=2.0, help="publishing time per rate (signals = rate x seconds)")
+    ap.add_argument("--signals", type=int, default=None, help="signals per rate (overrides --seconds)")
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="seconds to wait for every signal of a rate to reach the broker, and again to drain")
+    args = ap.parse_args(argv)
+    from pipeline import Pipeline
+
+    p = Pipeline(Path(tempfile.mkdtemp(prefix="bench-latency-")), partitions=args.partitions, config={})
+    await p.start()
+    out: list[tuple[float, Run, Run]] = []
+    nc = await nats.connect(p.stack.nats_url)
+    try:
+        for symbol, (mid, _) in REFERENCE.items():
+            await p.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+        await p.sim(cmd="set_margin", lots=1e9)  # random sides on one account: never 10019
+        await p.sim(cmd="close_market", symbol=DIRECT_SYMBOL)
+        rng = random.Random(1)
+        # Warm up the path (connections, first fetches) outside the figures.
+        warm = await service_run(p, nc, 50, 50, "warmup", args.partitions, args.timeout, rng)
+        executions = warm.n
+        await wait_drained(p, executions, args.timeout)
+        print(f"{broker_line(p.settings)}; partitions={args.partitions}; one worker; "
+              f"rates={' '.join(f'{r:.0f}' for r in args.rates)}/s", flush=True)
+        for rate in args.rates:
+            n = args.signals or max(1, int(rate * args.seconds))
+            tag = f"{rate:.0f}"
+            direct = await direct_run(nc, rate, n, tag, args.partitions, args.timeout)
+            svc = await service_run(p, nc, rate, n, tag, args.partitions, args.timeout, rng)
+            executions += svc.n
+            drained = await wait_drained(p, executions, args.timeout)
+            lines = report_rate(rate, direct, svc)
+            if not drained:
+                lines.append(f"  (the service had not applied every fill {args.timeout:.0f}s later; "
+                             "the next rate starts with a backlog)")
+            print("\n".join(lines), flush=True)
+            out.append((rate, direct, svc))
+        print("latency = broker receipt (simulator, time.time()) - NATS publish (time.time()), same machine")
+    finally:
+        await nc.close()
+        p.stop()
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    asyncio.run(main())

@@ -1,0 +1,128 @@
+"""Smoke tests of the benchmark scripts in ``bench/``: each script's main coroutine runs with
+tiny sizes against the real local stack, and its output and counts are checked.  Nothing is
+timed here: the figures themselves are only printed by the scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load(name: str):
+    """A bench script as a module (``bench/`` is not a package)."""
+    key = f"bench_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------
+# The parsing and statistics the scripts rely on (pure)
+# --------------------------------------------------------------------------------------
+
+
+FAUST_LOG = """\
+[2026-11-26 23:23:11,810] [7283] [INFO] [^---Recovery]: Highwater for active changelog partitions:
++Highwater - Active-----------------+-----------+-----------+
+| topic                             | partition | highwater |
++-----------------------------------+-----------+-----------+
+| execution-open_orders-changelog   | 0         | -1        |
+| 〃                                | 1         | -1        |
+| execution-orders-changelog        | 0         | 534       |
+| 〃                                | 1         | 482       |
++-----------------------------------+-----------+-----------+
+[2026-11-26 23:23:11,813] [7283] [INFO] [^---Recovery]: active offsets at start of reading:
++Reading Starts At - Active---------+-----------+--------+
+| topic                             | partition | offset |
++-----------------------------------+-----------+--------+
+| execution-open_orders-changelog   | 0         | -1     |
+| 〃                                | 1         | -1     |
+| execution-orders-changelog        | 0         | -1     |
+| 〃                                | 1         | 100    |
++-----------------------------------+-----------+--------+
+[2026-11-26 23:23:11,814] [7283] [INFO] [^---Recovery]: Restoring state from changelog topics...
+[2026-11-26 23:23:12,314] [7283] [INFO] [^---Recovery]: Done reading from changelog topics
+[2026-11-26 23:23:12,354] [7283] [INFO] [^---Recovery]: Worker ready
+"""
+
+
+def test_recovery_reads_the_replay_from_faust_log_lines():
+    rec = load("recovery")
+    hw = rec.log_tables(FAUST_LOG, "Highwater - Active")
+    assert hw == [{("execution-open_orders-changelog", 0): -1, ("execution-open_orders-changelog", 1): -1,
+                   ("execution-orders-changelog", 0): 534, ("execution-orders-changelog", 1): 482}]
+    spawned = rec.log_time(FAUST_LOG.splitlines()[0]) - 5.0
+    r = rec.parse_recovery(FAUST_LOG, "execution-orders-changelog", spawned, spawned + 6.0)
+    assert r.replayed == 535 + 382  # highwater (the last offset) minus the offset read up to
+    assert r.replay_seconds == pytest.approx(0.5) and r.rounds == 1
+    assert r.ready_seconds == pytest.approx(5.544) and r.health_seconds == pytest.approx(6.0)
+    assert r.records_per_second == pytest.approx(917 / 0.5)
+    none = rec.parse_recovery(FAUST_LOG.replace("Restoring state", "Resuming flow"), "x", spawned, spawned + 6)
+    assert (none.replayed, none.replay_seconds, none.records_per_second) == (0, 0.0, None)
+    assert rec.changelog_topic("execution") == "execution-orders-changelog"
+
+
+def test_latency_percentiles_and_trend():
+    lat = load("latency")
+    values = [float(v) for v in range(1, 1001)]
+    assert (lat.percentile(values, 50), lat.percentile(values, 99), lat.percentile(values, 99.9)) == (500, 990, 999)
+    steady = lat.Run(10, order=["a", "b", "c", "d"], published={"a": 0.0, "b": 0.1, "c": 0.2, "d": 0.3},
+                     received={"a": 0.05, "b": 0.15, "c": 0.25, "d": 0.35})
+    assert steady.trend() == pytest.approx(0.0, abs=1e-6) and steady.kept_up()
+    queued = lat.Run(10, order=["a", "b", "c", "d"], published={"a": 0.0, "b": 0.1, "c": 0.2, "d": 0.3},
+                     received={"a": 0.05, "b": 0.25, "c": 0.45, "d": 0.65})
+    assert queued.trend() == pytest.approx(1000.0) and not queued.kept_up()
+    lost = lat.Run(10, order=["a", "b"], published={"a": 0.0, "b": 0.1}, received={"a": 0.05})
+    assert lost.reached == 1 and not lost.kept_up()
+
+
+# --------------------------------------------------------------------------------------
+# The scripts against the real stack, tiny sizes
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_latency_script_every_signal_reaches_the_broker(capsys):
+    runs = await load("latency").main(["--rates", "50", "--signals", "25", "--timeout", "60"])
+    out = capsys.readouterr().out
+    assert "broker: Tansu" in out and "producer_max_batch_size=1" in out
+    [(rate, direct, svc)] = runs
+    assert rate == 50
+    assert (svc.n, svc.reached, svc.publish_errors) == (25, 25, 0)
+    assert (direct.n, direct.reached) == (25, 25)
+    assert len(set(svc.order)) == 25 and all(len(c) == 31 for c in svc.order)  # MT5 comments = order ids
+    assert all(svc.received[c] > svc.published[c] for c in svc.order)  # received after published
+    assert len(svc.in_kafka) == 25  # every signal found on signals.approved
+    assert "reached the broker 25/25" in out and "p50 ms" in out and "MISSING" not in out
+
+
+@pytest.mark.slow
+async def test_recovery_script_replays_every_record_once_and_nothing_with_the_data_dir(capsys):
+    [r] = await load("recovery").main(["--orders", "300", "--timeout", "120"])
+    out = capsys.readouterr().out
+    assert "broker: Tansu" in out and "producer_max_batch_size=1" in out and "execution-orders-changelog" in out
+    assert r.filled.records == 300
+    assert r.cold.replayed == 300 and r.cold.rounds >= 1  # the empty data dir: the whole changelog
+    assert r.warm.replayed == 0  # the data dir kept: nothing to replay
+    ok, total = r.verified
+    assert total >= 5 and ok == total  # sampled orders served as FILLED after recovery
+    assert "WARNING" not in out
+
+
+@pytest.mark.slow
+async def test_throughput_script_with_two_workers(capsys):
+    result = await load("throughput").main(["--signals", "40", "--workers", "2"])
+    out = capsys.readouterr().out
+    assert "producer_max_batch_size=1" in out and "pass-through" in out and "[2 workers]" in out
+    assert result["passthrough"] > 0 and set(result["runs"]) == {2}
+    e2e, pub = result["runs"][2]
+    assert e2e > 0 and pub > 0  # end_to_end itself asserts every order FILLED
