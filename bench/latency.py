@@ -1,6 +1,6 @@
 """Latency from NATS publish to broker submission, at fixed publish rates.
 
-    python bench/latency.py [--rates 100 1000 5000] [--seconds 2] [--signals N] [--partitions 4]
+    python bench/latency.py [--rates 100 1000 5000] [--seconds 2] [--max-signals 4000] [--signals N]
 
 One local stack (Tansu, nats-server, the MT5 simulator, the bridge, one worker), prices held
 at the reference mids so market orders fill without requotes.  For each rate:
@@ -13,13 +13,16 @@ at the reference mids so market orders fill without requotes.  For each rate:
   publish) is matched with the time the simulator received the order's first trade request
   (its ``receipts``: the order id is ``tables.idempotency.order_id_for(signal_id,
   partitions)``, the MT5 comment ``tables.order_types.comment_for(order_id)``), same machine,
-  same wall clock.
+  same wall clock.  The service's latency is also split at the signal's Kafka record on
+  ``signals.approved`` (its CreateTime, millisecond resolution): NATS -> Kafka (the bridge)
+  and Kafka -> broker (the worker).
 
 Prints per rate: the achieved publish rate, how many signals reached the broker, the rate at
-which they reached it, p50/p99/p99.9/max latency of both runs and the ratio of the p99s.  When
-the service cannot keep up with a rate, the signals queue and the latency grows along the run;
-the output says so (with the p50 of the first and last tenth of the signals) instead of
-presenting those figures as the service's latency.  Between rates the stack is left to drain
+which they reached it, p50/p99/p99.9/max latency of both runs and the ratio of the p99s, and
+the worker restarts by the stall watchdog if any.  When the service cannot keep up with a
+rate, the signals queue and the latency grows along the run; the output says so (with the
+p50 of the first and last tenth of the signals) instead of presenting those figures as the
+service's latency.  Between rates the stack is left to drain
 (every order filled and applied) so a rate does not inherit the previous one's backlog.
 
 Prints the broker and ``producer_max_batch_size`` (Tansu's local profile forces 1).
@@ -279,6 +282,10 @@ def ms(x: float) -> str:
     return f"{x:8.1f}"
 
 
+def _ms_or_missing(x: float) -> str:
+    return "none received" if math.isnan(x) else f"{x:.1f} ms"
+
+
 def report_rate(rate: float, direct: Run, svc: Run) -> list[str]:
     d, s = direct.stats(), svc.stats()
     lines = [
@@ -307,8 +314,8 @@ def report_rate(rate: float, direct: Run, svc: Run) -> list[str]:
         lines.append(f"  NOT KEPT UP: the service passed {svc.broker_rate:.0f} signals/s to the broker while "
                      f"{svc.achieved_rate:.0f}/s were published; signals queued (latency grew "
                      f"{svc.trend():.0f} ms per second of publishing: p50 of the first tenth of the signals "
-                     f"{s['first_p50']:.1f} ms, of the last tenth {s['last_p50']:.1f} ms), so these latencies "
-                     "are mostly queueing and depend on how long the rate is held (--seconds)")
+                     f"{_ms_or_missing(s['first_p50'])}, of the last tenth {_ms_or_missing(s['last_p50'])}), "
+                     "so these latencies are mostly queueing and depend on how long the rate is held (--seconds)")
     if svc.reached < svc.n:
         lines.append(f"  MISSING: {svc.n - svc.reached} signals had not reached the broker when the wait ended")
     return lines
@@ -319,6 +326,8 @@ async def main(argv: list[str] | None = None) -> list[tuple[float, Run, Run]]:
     ap.add_argument("--rates", type=float, nargs="+", default=[100, 1000, 5000], help="publish rates, signals/s")
     ap.add_argument("--seconds", type=float, default=2.0, help="publishing time per rate (signals = rate x seconds)")
     ap.add_argument("--signals", type=int, default=None, help="signals per rate (overrides --seconds)")
+    ap.add_argument("--max-signals", type=int, default=4000,
+                    help="cap on rate x seconds (the service drains a few dozen signals/s here: 4000 take minutes)")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=600,
                     help="seconds to wait for every signal of a rate to reach the broker, and again to drain")
@@ -342,13 +351,20 @@ async def main(argv: list[str] | None = None) -> list[tuple[float, Run, Run]]:
         print(f"{broker_line(p.settings)}; partitions={args.partitions}; one worker; "
               f"rates={' '.join(f'{r:.0f}' for r in args.rates)}/s", flush=True)
         for rate in args.rates:
-            n = args.signals or max(1, int(rate * args.seconds))
+            n = args.signals or max(1, min(args.max_signals, int(rate * args.seconds)))
             tag = f"{rate:.0f}"
+            restarts = getattr(p.services, "restarts", 0)
             direct = await direct_run(nc, rate, n, tag, args.partitions, args.timeout)
             svc = await service_run(p, nc, rate, n, tag, args.partitions, args.timeout, rng)
             executions += svc.n
             drained = await wait_drained(p, executions, args.timeout)
             lines = report_rate(rate, direct, svc)
+            if n < rate * args.seconds and not args.signals:
+                lines.insert(1, f"  (capped at --max-signals {args.max_signals}: {n / rate:.1f}s of publishing)")
+            restarted = getattr(p.services, "restarts", 0) - restarts
+            if restarted:
+                lines.append(f"  RESTARTS: the stall watchdog (app/watchdog.py) restarted the worker {restarted} times "
+                             "during this rate (each restart stops submissions for its startup and recovery)")
             if not drained:
                 lines.append(f"  (the service had not applied every fill {args.timeout:.0f}s later; "
                              "the next rate starts with a backlog)")

@@ -125,6 +125,10 @@ async def run_workers(args, workers: int, with_passthrough: bool) -> tuple[float
         await wait_settled(p)
         raw = await passthrough(p.settings, args.signals, args.partitions) if with_passthrough else None
         e2e, pub = await end_to_end(p, args.signals, args.partitions)
+        restarts = getattr(p.services, "restarts", 0)
+        if restarts:
+            print(f"NOTE: with {workers} worker(s) the stall watchdog restarted a worker {restarts} times "
+                  "during the run (a restart stops that worker for its startup and recovery)", flush=True)
         return raw, e2e, pub, p.settings
     finally:
         p.stop()
