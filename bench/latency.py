@@ -35,6 +35,7 @@ import asyncio
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -331,12 +332,15 @@ async def main(argv: list[str] | None = None) -> list[tuple[float, Run, Run]]:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=600,
                     help="seconds to wait for every signal of a rate to reach the broker, and again to drain")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (service logs); kept anyway after "
+                    "restarts or missing signals")
     args = ap.parse_args(argv)
     from pipeline import Pipeline
 
     p = Pipeline(Path(tempfile.mkdtemp(prefix="bench-latency-")), partitions=args.partitions, config={})
     await p.start()
     out: list[tuple[float, Run, Run]] = []
+    keep = args.keep
     nc = await nats.connect(p.stack.nats_url)
     try:
         for symbol, (mid, _) in REFERENCE.items():
@@ -365,6 +369,8 @@ async def main(argv: list[str] | None = None) -> list[tuple[float, Run, Run]]:
             if restarted:
                 lines.append(f"  RESTARTS: the stall watchdog (app/watchdog.py) restarted the worker {restarted} times "
                              "during this rate (each restart stops submissions for its startup and recovery)")
+            if restarted or svc.reached < svc.n or not drained:
+                keep = True  # the logs say why
             if not drained:
                 lines.append(f"  (the service had not applied every fill {args.timeout:.0f}s later; "
                              "the next rate starts with a backlog)")
@@ -374,9 +380,16 @@ async def main(argv: list[str] | None = None) -> list[tuple[float, Run, Run]]:
     finally:
         await nc.close()
         p.stop()
+        if keep:
+            print(f"logs kept in {p.workdir}")
+        else:
+            shutil.rmtree(p.workdir, ignore_errors=True)
     return out
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    load = os.getloadavg()[0]
     asyncio.run(main())
+    print(f"machine: {os.cpu_count()} CPUs; load average (1 min) {load:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end (other processes share this machine)")

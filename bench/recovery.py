@@ -317,22 +317,22 @@ def fmt_rate(r: float | None) -> str:
 
 def report(results: list[SizeResult], settings, partitions: int, records_per_order: int) -> None:
     print(f"{broker_line(settings)}; partitions={partitions}; table={TABLE} "
-          f"(changelog {changelog_topic(settings.app_id)}); records per order={records_per_order}")
-    print(f"{'orders':>9} {'records':>9} {'fill/s':>8} | {'EMPTY data dir: replayed':>24} {'replay s':>9} "
-          f"{'records/s':>10} {'ready s':>8} {'health s':>8} | {'KEPT data dir: replayed':>23} "
-          f"{'ready s':>8} {'health s':>8} | {'ratio':>6} | sample")
+          f"(changelog {changelog_topic(settings.app_id)}); {records_per_order} changelog record(s) per order")
+    print(f"{'':9} {'changelog filled':^19} | {'worker start, EMPTY data dir':^41} | {'restart, data dir KEPT':^22} | {'empty/kept':>10}")
+    print(f"{'orders':>9} {'records':>9} {'rec/s':>9} | {'replayed':>9} {'replay s':>9} {'records/s':>10} "
+          f"{'health s':>10} | {'replayed':>9} {'health s':>10} | {'health s':>10} | sample read back")
     for r in results:
         c, w = r.cold, r.warm
         ratio = c.health_seconds / w.health_seconds if w.health_seconds > 0 else float("nan")
-        print(f"{r.orders:9d} {r.filled.records:9d} {r.filled.records / r.filled.seconds:8.0f} | "
-              f"{c.replayed:24d} {c.replay_seconds:9.2f} {fmt_rate(c.records_per_second)} "
-              f"{c.ready_seconds:8.2f} {c.health_seconds:8.2f} | {w.replayed:23d} {w.ready_seconds:8.2f} "
-              f"{w.health_seconds:8.2f} | {ratio:6.1f} | {r.verified[0]}/{r.verified[1]} FILLED")
+        print(f"{r.orders:9d} {r.filled.records:9d} {r.filled.records / r.filled.seconds:9.0f} | "
+              f"{c.replayed:9d} {c.replay_seconds:9.2f} {fmt_rate(c.records_per_second)} {c.health_seconds:10.2f} | "
+              f"{w.replayed:9d} {w.health_seconds:10.2f} | {ratio:10.1f} | {r.verified[0]}/{r.verified[1]} FILLED")
         if c.replayed != r.filled.records:
             print(f"  WARNING: the worker replayed {c.replayed} records, {r.filled.records} were written")
         if c.rounds > 1 or w.rounds > 0:
             print(f"  note: recovery rounds: empty dir {c.rounds}, kept dir {w.rounds}")
-    print("ratio = time to /health 200 with an empty data dir / with the data dir kept")
+    print("replay s: Faust's own log, 'Restoring state from changelog topics' to 'Done reading'; health s: from "
+          "spawning the worker process to /health 200 (includes Python start-up and the group join)")
 
 
 async def main(argv: list[str] | None = None) -> list[SizeResult]:
@@ -358,4 +358,7 @@ async def main(argv: list[str] | None = None) -> list[SizeResult]:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    load = os.getloadavg()[0]
     asyncio.run(main())
+    print(f"machine: {os.cpu_count()} CPUs; load average (1 min) {load:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end (other processes share this machine)")

@@ -165,4 +165,7 @@ async def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    load = os.getloadavg()[0]
     asyncio.run(main())
+    print(f"machine: {os.cpu_count()} CPUs; load average (1 min) {load:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end (other processes share this machine)")
