@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import faust
 
+from app import faust_recovery
 from app.settings import Settings, get_settings
+
+faust_recovery.apply()  # stream partitions resumed only once sought (see the module)
 
 
 def create_app(settings: Settings | None = None) -> faust.App:
