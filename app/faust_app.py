@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import faust
 
+from app import producer_lanes
 from app.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> faust.App:
+    producer_lanes.install()
     s = settings or get_settings()
     s.data_dir.mkdir(parents=True, exist_ok=True)
     extra: dict = {}
