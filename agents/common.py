@@ -1,20 +1,32 @@
-"""What every agent shares: the context it runs in, acknowledged output, dead letters.
+"""What every agent shares: the context it runs in, acknowledged output, dead letters, and
+the batch that holds a batch of input events' effects until the broker acknowledged them.
 
 Ordering rule of every agent, which is what makes at-least-once safe: compute the effect
 with the pure logic, **send every output and wait for the broker's acks, then write the
 table**.  A crash before the table write replays the input, recomputes the same records
 (deterministic ids) and sends them again; consumers dedupe.  A crash after it replays an
 input the table already reflects, which the logic recognises as a duplicate.
+
+The agents apply that rule to a batch of events at a time (:class:`Batch`): each event
+reads the tables through the batch (so it sees the writes of the events before it), its
+outputs and table writes are held; the batch then sends all outputs at once, waits for
+every ack, and only then writes the tables and runs the after-commit effects (starting a
+submission).  The input offsets are acknowledged after that.  One round of acks per batch
+instead of one per event is what lets the producer fill each request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import faust
+from faust.streams import _current_event
 
 from app.runtime import Runtime
 from tables.definitions import Tables
@@ -41,15 +53,162 @@ Out = tuple[str, str, bytes, dict[str, bytes] | None]  # (topic, key, value, hea
 
 
 async def send_all(ctx: Context, records: list[Out]) -> None:
-    """Send records and wait until the broker acknowledged every one."""
-    futures = []
-    for topic, key, value, headers in records:
-        fut = await ctx.topic(topic).send(
-            key=key.encode() if isinstance(key, str) else key, value=value, headers=headers, force=True
-        )
-        futures.append(fut)
-    if futures:
-        await asyncio.gather(*futures)
+    """Send records and wait until the broker acknowledged every one.
+
+    Records with the same topic and key are handed to the producer in order (so their
+    order in the partition is kept); different keys are handed over concurrently, so one
+    produce request carries a record for every partition that has one waiting.
+    """
+    if not records:
+        return
+    chains: dict[tuple[str, Any], list[Out]] = {}
+    for record in records:
+        chains.setdefault((record[0], record[1]), []).append(record)
+
+    async def chain(items: list[Out]) -> list[asyncio.Future]:
+        futures = []
+        for topic, key, value, headers in items:
+            futures.append(await ctx.topic(topic).send(
+                key=key.encode() if isinstance(key, str) else key, value=value, headers=headers, force=True
+            ))
+        return futures
+
+    if len(chains) == 1:
+        futures = await chain(records)
+    else:
+        futures = [f for fs in await asyncio.gather(*(chain(c) for c in chains.values())) for f in fs]
+    await asyncio.gather(*futures)
+
+
+_DELETED = object()
+
+
+class Batch:
+    """The held effects of a batch of input events: outputs, table writes, after-commit work.
+
+    Handlers read tables with :meth:`get` (a value written earlier in the batch wins), and
+    record effects with :meth:`emit`, :meth:`put`, :meth:`delete` and :meth:`later`.
+    :meth:`savepoint` / :meth:`rollback` undo one event's effects when it turns out to be
+    bad input, so a dead letter never leaves half an effect behind.
+
+    A write remembers the event it was made for: Faust sends a table write to the
+    changelog partition of the event being processed, so the commit replays each write in
+    the context of its event.
+    """
+
+    def __init__(self) -> None:
+        self.event: faust.EventT | None = None  # the event being handled
+        self.outputs: list[Out] = []
+        self.writes: dict[tuple[int, Any], tuple[Any, Any, Any, Any]] = {}
+        self.after: list[Callable[[], Awaitable[Any] | None]] = []
+        self._undo: list[tuple[tuple[int, Any], tuple[Any, Any, Any, Any] | None]] = []
+
+    def get(self, table: Any, key: Any) -> Any:
+        held = self.writes.get((id(table), key))
+        if held is None:
+            return table.get(key)
+        return None if held[2] is _DELETED else held[2]
+
+    def put(self, table: Any, key: Any, value: Any) -> None:
+        slot = (id(table), key)
+        self._undo.append((slot, self.writes.get(slot)))
+        self.writes[slot] = (table, key, value, self.event)
+
+    def delete(self, table: Any, key: Any) -> None:
+        self.put(table, key, _DELETED)
+
+    def emit(self, *records: Out) -> None:
+        self.outputs.extend(records)
+
+    def later(self, fn: Callable[[], Awaitable[Any] | None]) -> None:
+        """Run ``fn`` after the batch is committed (outputs acked, tables written)."""
+        self.after.append(fn)
+
+    def savepoint(self) -> tuple[int, int, int]:
+        return len(self.outputs), len(self.after), len(self._undo)
+
+    def rollback(self, point: tuple[int, int, int]) -> None:
+        n_out, n_after, n_undo = point
+        del self.outputs[n_out:]
+        del self.after[n_after:]
+        while len(self._undo) > n_undo:
+            slot, previous = self._undo.pop()
+            if previous is None:
+                self.writes.pop(slot, None)
+            else:
+                self.writes[slot] = previous
+
+    def __bool__(self) -> bool:
+        return bool(self.outputs or self.writes or self.after)
+
+    async def commit(self, ctx: Context, what: str) -> None:
+        """Send every output and wait for the acks (retrying while the broker is away: the
+        records are deterministic, consumers dedupe a resend), then write the tables, then
+        run the after-commit work."""
+        delay = 0.2
+        while True:
+            try:
+                await send_all(ctx, self.outputs)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s: %d outputs not acknowledged (%s: %s); resending in %.1fs",
+                            what, len(self.outputs), type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        token = _current_event.set(None)
+        try:
+            for table, key, value, event in self.writes.values():
+                _current_event.set(weakref.ref(event) if event is not None else None)
+                if value is _DELETED:
+                    table.pop(key, None)
+                else:
+                    table[key] = value
+        finally:
+            _current_event.reset(token)
+        for fn in self.after:
+            try:
+                result = fn()
+                if inspect.isawaitable(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the batch is committed: one failed follow-up must not undo the rest
+                log.exception("%s: after-commit step %r failed", what, fn)
+
+
+async def process_batch(
+    ctx: Context, events: list[faust.EventT], handler: Callable[[faust.EventT, Batch], None],
+    dlq_for: Callable[[faust.EventT], str], what: str,
+) -> None:
+    """Run ``handler(event, batch)`` for each event, then commit the batch.
+
+    A handler is a plain function (no I/O, nothing awaited): it reads tables through the
+    batch and records effects in it.
+    Bad input, and any error of a handler (a bug: retrying the same pure computation gives
+    the same error), undoes that event's effects and dead-letters it with the reason; the
+    rest of the batch goes on.
+    """
+    batch = Batch()
+    for event in events:
+        point = batch.savepoint()
+        batch.event = event
+        try:
+            handler(event, batch)
+        except Exception as exc:
+            batch.rollback(point)
+            dlq = dlq_for(event)
+            ctx.rt.metrics.inc("dead_letters", topic=dlq)
+            if isinstance(exc, BadInput):
+                log.warning("%s: dead letter (%s)", what, exc)
+                reason = str(exc)
+            else:
+                log.exception("%s: error on %s:%s@%s", what, event.message.topic, event.message.partition, event.message.offset)
+                reason = f"internal error: {type(exc).__name__}: {exc}"
+            batch.emit(dead_letter(dlq, event, reason))
+    if batch:
+        await batch.commit(ctx, what)
 
 
 def dead_letter(dlq: str, event: faust.EventT, reason: str) -> Out:

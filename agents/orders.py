@@ -1,6 +1,8 @@
 """The orders agent: the single writer of ``orders``, ``signal_orders`` and ``open_orders``.
 
-It consumes three co-partitioned topics, one record at a time:
+It consumes three co-partitioned topics, a batch of records at a time
+(:func:`agents.common.process_batch`: outputs acked, then tables written, then submissions
+started):
 
 * ``signals.approved`` (key signal_id): decode, dedupe, create the order (PENDING), start
   its submission;
@@ -23,7 +25,7 @@ from typing import Any
 
 import faust
 
-from agents.common import BadInput, Context, Out, process_safely, send_all
+from agents.common import BadInput, Batch, Context, Out, process_batch, send_all
 from app.models import (
     ApprovedSignal,
     CommandKind,
@@ -52,7 +54,13 @@ from app.topics import (
 from tables import order_state
 from tables.fills import apply_fill
 from tables.idempotency import SignalSeen, expired_keys, order_id_for
-from tables.order_types import MAGIC, check_enabled, comment_for, resolve_order_type, trade_request_fields
+from tables.order_types import (
+    MAGIC,
+    check_enabled,
+    comment_for,
+    resolve_order_type,
+    trade_request_fields,
+)
 from tables.submission import on_broker_status, on_submit_result
 from tables.symbols import UnknownSymbol
 
@@ -81,19 +89,23 @@ class OrdersAgent:
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         #: order_id -> monotonic time of the last status check (stuck orders).
         self.checked: dict[str, float] = {}
+        #: order_id -> monotonic time its submission's answer was sent to orders.commands:
+        #: the answer is durable and the agent will apply it, so a backlog in front of it
+        #: is no reason to resume the submission (which would ask the broker again).
+        self.answered: dict[str, float] = {}
 
     # ------------------------------------------------------------------ dispatch
-    async def handle(self, event: faust.EventT) -> None:
+    def handle(self, event: faust.EventT, b: Batch) -> None:
         topic = event.message.topic
         if topic == SIGNALS_APPROVED:
-            await self.on_signal(event.value, f"{event.message.partition}-{event.message.offset}")
+            self.on_signal(event.value, b, f"{event.message.partition}-{event.message.offset}")
         elif topic == FILLS:
-            await self.on_fill(event.value)
+            self.on_fill(event.value, b)
         else:
-            await self.on_command(event.value)
+            self.on_command(event.value, b)
 
     # ------------------------------------------------------------------ signals
-    async def on_signal(self, raw: bytes, where: str = "") -> None:
+    def on_signal(self, raw: bytes, b: Batch, where: str = "") -> None:
         try:
             signal = from_json(ApprovedSignal, raw)
         except DecodeError as exc:
@@ -103,8 +115,8 @@ class OrdersAgent:
         cfg = self.rt.config
         now = utcnow()
         order_id = order_id_for(signal.signal_id, self.rt.settings.topic_partitions)
-        existing: Order | None = self.t.orders.get(order_id)
-        seen: SignalSeen | None = self.t.signal_orders.get(signal.signal_id)
+        existing: Order | None = b.get(self.t.orders, order_id)
+        seen: SignalSeen | None = b.get(self.t.signal_orders, signal.signal_id)
         if existing is not None:
             # The same signal again (redelivery, replay, a resend upstream): one order, ever.
             self.rt.metrics.inc("duplicate_signals")
@@ -113,9 +125,9 @@ class OrdersAgent:
                 detail={"first_seen": seen.first_seen.isoformat() if seen else None},
                 discriminator=where,  # each delivery is its own record; a replay of one is not
             )
-            await send_all(self.ctx, [(ORDER_EXECUTION_ARCHIVE, order_id, to_json(event), None)])
+            b.emit((ORDER_EXECUTION_ARCHIVE, order_id, to_json(event), None))
             if existing.state is OrderState.PENDING:
-                await self.start_submission(existing, resume=True)
+                b.later(lambda: self.start_submission(existing, resume=True))
             return
         order_type = resolve_order_type(signal, cfg.order_defaults)
         created = order_state.create_order(signal, order_id, order_type, now)
@@ -126,27 +138,27 @@ class OrdersAgent:
             rejected = order_state.apply(order, EventType.REJECTED, now, reason=refusal)
             outputs += transition_outputs(rejected)
             order = rejected.order
-        await send_all(self.ctx, outputs)
-        self.t.orders[order_id] = order
-        self.t.signal_orders[signal.signal_id] = SignalSeen(order_id=order_id, first_seen=now)
+        b.emit(*outputs)
+        b.put(self.t.orders, order_id, order)
+        b.put(self.t.signal_orders, signal.signal_id, SignalSeen(order_id=order_id, first_seen=now))
         self.rt.metrics.inc("orders_created", order_type=order_type.value)
         if order.state is OrderState.PENDING:
-            self.t.open_orders[order_id] = now.isoformat().encode()
-            await self.start_submission(order, resume=False)
+            b.put(self.t.open_orders, order_id, now.isoformat().encode())
+            b.later(lambda: self.start_submission(order, resume=False))
 
     # ------------------------------------------------------------------ fills
-    async def on_fill(self, raw: bytes) -> None:
+    def on_fill(self, raw: bytes, b: Batch) -> None:
         try:
             fill = from_json(Fill, raw)
         except DecodeError as exc:
             raise BadInput(exc.reason) from None
-        order: Order | None = self.t.orders.get(fill.order_id)
+        order: Order | None = b.get(self.t.orders, fill.order_id)
         if order is None:
             self.rt.metrics.inc("unknown_fills")
             raise BadInput(f"order_id: unknown order {fill.order_id!r} (deal {fill.deal})")
-        await self.apply_deal(order, fill)
+        self.apply_deal(order, fill, b)
 
-    async def apply_deal(self, order: Order, fill: Fill) -> Order:
+    def apply_deal(self, order: Order, fill: Fill, b: Batch) -> Order:
         """Apply one broker deal to ``order`` (from the fills stream, or reported by the broker
         in a status answer: a deal that never reached us is recovered there); returns the order."""
         now = utcnow()
@@ -169,7 +181,7 @@ class OrdersAgent:
             outputs.append((ORDER_EXECUTION_ARCHIVE, order.order_id, to_json(refused), None))
             if r.execution is None:
                 raise BadInput(f"fill refused: {r.reason}")
-            await send_all(self.ctx, outputs)
+            b.emit(*outputs)
             return order
         t = order_state.apply(order, r.event_type, now, detail={"deal": fill.deal, "price": fill.price, "volume": fill.volume}, **r.updates)
         outputs += transition_outputs(t)
@@ -189,29 +201,29 @@ class OrdersAgent:
                 discriminator=f"deal-{fill.deal}",
             )
             outputs.append((ORDER_EXECUTION_ARCHIVE, order.order_id, to_json(alert), None))
-        await send_all(self.ctx, outputs)
-        self.t.orders[order.order_id] = new_order
+        b.emit(*outputs)
+        b.put(self.t.orders, order.order_id, new_order)
         self.rt.metrics.inc("fills", symbol=order.symbol)
         if r.fill_slippage_pips is not None:
             self.rt.metrics.observe_slippage(order.symbol, r.fill_slippage_pips)
         if new_order.state.is_final:
-            self.closed(order.order_id)
+            self.closed(order.order_id, b)
         return new_order
 
     # ------------------------------------------------------------------ commands
-    async def on_command(self, raw: bytes) -> None:
+    def on_command(self, raw: bytes, b: Batch) -> None:
         try:
             cmd = from_json(OrderCommand, raw)
         except DecodeError as exc:
             raise BadInput(exc.reason) from None
         now = utcnow()
         if cmd.kind is CommandKind.EXPIRE_SIGNAL:
-            seen = self.t.signal_orders.get(cmd.key)
+            seen = b.get(self.t.signal_orders, cmd.key)
             window = self.rt.config.idempotency.check_window_hours
             if seen is not None and expired_keys([(cmd.key, seen)], now, window):
-                del self.t.signal_orders[cmd.key]
+                b.delete(self.t.signal_orders, cmd.key)
             return
-        order: Order | None = self.t.orders.get(cmd.key)
+        order: Order | None = b.get(self.t.orders, cmd.key)
         if order is None:
             raise BadInput(f"key: command {cmd.kind.value} for unknown order {cmd.key!r}")
         if cmd.kind is CommandKind.SUBMIT_RESULT:
@@ -227,7 +239,7 @@ class OrdersAgent:
                     continue
                 if deal.deal not in order.deals and deal.order_id == order.order_id:
                     log.info("order %s: applying deal %s reported by the broker", order.order_id, deal.deal)
-                    order = await self.apply_deal(order, deal)
+                    order = self.apply_deal(order, deal, b)
             step = on_broker_status(order, cmd.payload, stuck=bool(cmd.payload.get("stuck")))
         if step.event_type is None:
             log.debug("order %s: %s ignored (%s)", order.order_id, cmd.kind.value, step.reason)
@@ -236,17 +248,21 @@ class OrdersAgent:
         if "retcode" in cmd.payload:
             detail["retcode"] = cmd.payload["retcode"]
         t = order_state.apply(order, step.event_type, now, reason=step.reason, detail=detail, **step.updates)
-        await send_all(self.ctx, transition_outputs(t))
+        b.emit(*transition_outputs(t))
         if t.applied:
-            self.t.orders[order.order_id] = t.order
+            b.put(self.t.orders, order.order_id, t.order)
             self.rt.metrics.inc("order_transitions", state=t.order.state.value)
             if t.order.state.is_final:
-                self.closed(order.order_id)
+                self.closed(order.order_id, b)
 
-    def closed(self, order_id: str) -> None:
+    def closed(self, order_id: str, b: Batch) -> None:
         """The order is final: it leaves ``open_orders`` and the timers' memory."""
-        self.t.open_orders.pop(order_id, None)
+        b.delete(self.t.open_orders, order_id)
+        b.later(lambda: self.forget(order_id))
+
+    def forget(self, order_id: str) -> None:
         self.checked.pop(order_id, None)
+        self.answered.pop(order_id, None)
 
     # ------------------------------------------------------------------ submission
     async def start_submission(self, order: Order, *, resume: bool) -> None:
@@ -272,6 +288,8 @@ class OrdersAgent:
         while True:
             try:
                 await send_all(self.ctx, [(ORDERS_COMMANDS, order_id, to_json(cmd), None)])
+                if kind is not CommandKind.EXPIRE_SIGNAL:
+                    self.answered[order_id] = time.monotonic()
                 return
             except Exception as exc:  # Kafka briefly unavailable: the answer must not be lost
                 log.warning("command %s for %s not sent (%s); retrying", kind.value, order_id, exc)
@@ -342,6 +360,8 @@ class OrdersAgent:
             age = now - order.updated_at
             if order.state is OrderState.PENDING:
                 last = self.checked.get(order_id, 0.0)
+                if time.monotonic() - self.answered.get(order_id, -1e9) < sub.stuck_order_timeout_seconds:
+                    continue
                 if order_id not in self.in_flight and age > pending_grace and time.monotonic() - last > pending_grace.total_seconds():
                     self.checked[order_id] = time.monotonic()
                     log.info("order %s PENDING for %s: resuming its submission", order_id, age)
@@ -377,10 +397,15 @@ def register(ctx: Context) -> OrdersAgent:
     worker = OrdersAgent(ctx)
     source = app.topic(*INPUTS, key_serializer="raw", value_serializer="raw")
 
+    settings = ctx.rt.settings
+
+    def dlq_for(event: faust.EventT) -> str:
+        return DLQ_FOR[event.message.topic]
+
     @app.agent(source, name="orders")
     async def orders(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await process_safely(ctx, event, worker.handle, DLQ_FOR[event.message.topic], "orders")
+        async for events in stream.take_events(settings.agent_batch_max, within=settings.agent_batch_within):
+            await process_batch(ctx, events, worker.handle, dlq_for, "orders")
 
     last = {"check": 0.0, "expire": 0.0}
 

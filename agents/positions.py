@@ -13,7 +13,7 @@ import time
 
 import faust
 
-from agents.common import BadInput, Context, Out, process_safely, send_all
+from agents.common import BadInput, Batch, Context, Out, process_batch, send_all
 from app.models import (
     DecodeError,
     EventType,
@@ -26,7 +26,13 @@ from app.models import (
     utcnow,
 )
 from app.mt5.contract import NoReply
-from app.topics import EXECUTIONS, ORDER_EXECUTION_ARCHIVE, POSITIONS, POSITIONS_DISCREPANCIES, SINK_DLQ
+from app.topics import (
+    EXECUTIONS,
+    ORDER_EXECUTION_ARCHIVE,
+    POSITIONS,
+    POSITIONS_DISCREPANCIES,
+    SINK_DLQ,
+)
 from tables.fills import to_units
 from tables.idempotency import partition_for
 from tables.positions import apply_to_position, correct_position
@@ -48,28 +54,28 @@ class PositionsAgent:
         self.positions = ctx.tables.positions
         self.last_result: dict = {}
 
-    async def handle(self, event: faust.EventT) -> None:
+    def handle(self, event: faust.EventT, b: Batch) -> None:
         if event.message.topic == EXECUTIONS:
-            await self.on_execution(event.value)
+            self.on_execution(event.value, b)
         else:
-            await self.on_discrepancy(event.value)
+            self.on_discrepancy(event.value, b)
 
-    async def on_execution(self, raw: bytes) -> None:
+    def on_execution(self, raw: bytes, b: Batch) -> None:
         try:
             ex = from_json(Execution, raw)
         except DecodeError as exc:
             raise BadInput(exc.reason) from None
         key = position_key(ex.account, ex.symbol)
         try:
-            r = apply_to_position(self.positions.get(key), ex, self.rt.symbols, utcnow())
+            r = apply_to_position(b.get(self.positions, key), ex, self.rt.symbols, utcnow())
         except (UnknownSymbol, ValueError) as exc:
             raise BadInput(str(exc)) from None
         if r.is_duplicate:
             return
-        await send_all(self.ctx, [(POSITIONS, key, to_json(r.position), None)])
-        self.positions[key] = r.position
+        b.emit((POSITIONS, key, to_json(r.position), None))
+        b.put(self.positions, key, r.position)
 
-    async def on_discrepancy(self, raw: bytes) -> None:
+    def on_discrepancy(self, raw: bytes, b: Batch) -> None:
         try:
             d = from_json(Discrepancy, raw)
         except DecodeError as exc:
@@ -77,7 +83,7 @@ class PositionsAgent:
         if not self.rt.config.position_reconciliation.auto_correct_discrepancies:
             return
         key = d.key
-        current: Position | None = self.positions.get(key)
+        current: Position | None = b.get(self.positions, key)
         ours = current.net_volume if current is not None else 0.0
         if to_units(ours) != to_units(d.ours_net_volume):
             log.info("discrepancy on %s is stale (position moved since): not corrected", key)
@@ -99,8 +105,8 @@ class PositionsAgent:
             (ORDER_EXECUTION_ARCHIVE, key, to_json(event), None),
             (POSITIONS, key, to_json(corrected), None),
         ]
-        await send_all(self.ctx, outputs)
-        self.positions[key] = corrected
+        b.emit(*outputs)
+        b.put(self.positions, key, corrected)
         self.rt.metrics.inc("positions_corrected")
 
     # ------------------------------------------------------------------ reconciliation
@@ -154,10 +160,15 @@ def register(ctx: Context) -> PositionsAgent:
     worker = PositionsAgent(ctx)
     source = app.topic(*INPUTS, key_serializer="raw", value_serializer="raw")
 
+    settings = ctx.rt.settings
+
+    def dlq_for(event: faust.EventT) -> str:
+        return SINK_DLQ
+
     @app.agent(source, name="positions")
     async def positions(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await process_safely(ctx, event, worker.handle, SINK_DLQ, "positions")
+        async for events in stream.take_events(settings.agent_batch_max, within=settings.agent_batch_within):
+            await process_batch(ctx, events, worker.handle, dlq_for, "positions")
 
     state = {"last": time.monotonic(), "running": False}
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import faust
 
-from app import faust_recovery
+from app import faust_recovery, producer_lanes
 from app.settings import Settings, get_settings
 
 faust_recovery.apply()  # stream partitions resumed only once sought (see the module)
 
 
 def create_app(settings: Settings | None = None) -> faust.App:
+    producer_lanes.install()
     s = settings or get_settings()
     s.data_dir.mkdir(parents=True, exist_ok=True)
     extra: dict = {}

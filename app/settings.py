@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     #: cost (raw produce ~77k -> ~3.5k msg/s here).  Local profile only; benchmarks print it.
     producer_max_batch_size: int | None = None
     commit_interval: float = 1.0
+    #: The orders and positions agents take up to this many records at a time and wait for
+    #: their outputs' acks once per batch (agents/common.py:Batch) ...
+    agent_batch_max: int = Field(500, ge=1)
+    #: ... waiting at most this long (seconds) for a batch to fill: the latency it may add.
+    agent_batch_within: float = Field(0.002, gt=0)
 
     # --- derived ------------------------------------------------------------------------
     def effective(self, name: str) -> Any:

@@ -1,0 +1,160 @@
+"""The agents' batch (held outputs and table writes) and the producer lanes, without servers:
+the integration tests run both against Tansu; these pin down the rules in milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from faust.streams import current_event
+from faust.transport.producer import ProducerBuffer
+
+from agents.common import BadInput, Batch, process_batch
+from app import producer_lanes
+
+
+class Table(dict):
+    """A dict that records which event was current at each write, as Faust's tables need."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[str, object, object]] = []
+
+    def __setitem__(self, key, value):
+        self.writes.append(("set", key, current_event()))
+        super().__setitem__(key, value)
+
+    def pop(self, key, default=None):
+        self.writes.append(("del", key, current_event()))
+        return super().pop(key, default)
+
+
+class Topic:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    async def send(self, key, value, headers, force):
+        self.log.append((key, value, headers))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+class Event(SimpleNamespace):
+    """Faust holds the current event by weak reference: a class instance, not a SimpleNamespace."""
+
+    __hash__ = object.__hash__
+
+
+def event(topic: str, value: bytes, offset: int) -> Event:
+    return Event(value=value, message=SimpleNamespace(topic=topic, partition=0, offset=offset, key=b"k", value=value))
+
+
+def context(sent: dict[str, list]) -> SimpleNamespace:
+    class Topics(dict):
+        def __missing__(self, name):
+            sent[name] = []
+            self[name] = Topic(sent[name])
+            return self[name]
+
+    return SimpleNamespace(topic=Topics().__getitem__, rt=SimpleNamespace(metrics=SimpleNamespace(inc=lambda *a, **k: None)))
+
+
+def test_reads_see_earlier_writes_and_a_rollback_undoes_one_event():
+    t = Table()
+    t["a"] = 1
+    b = Batch()
+    b.put(t, "a", 2)
+    assert b.get(t, "a") == 2 and t["a"] == 1, "held until commit"
+    point = b.savepoint()
+    b.put(t, "a", 3)
+    b.delete(t, "b")
+    b.put(t, "c", 4)
+    b.emit(("out", "k", b"v", None))
+    b.later(lambda: None)
+    assert (b.get(t, "a"), b.get(t, "c")) == (3, 4)
+    b.rollback(point)
+    assert (b.get(t, "a"), b.get(t, "b"), b.get(t, "c")) == (2, None, None)
+    assert not b.outputs and not b.after
+
+
+async def test_commit_sends_then_writes_in_each_events_context_then_runs_the_follow_ups():
+    t = Table()
+    t["gone"] = 0
+    sent: dict[str, list] = {}
+    ctx = context(sent)
+    order: list[str] = []
+    e1, e2 = event("in", b"1", 1), event("in", b"2", 2)
+    b = Batch()
+    b.event = e1
+    b.put(t, "x", 1)
+    b.emit(("out", "x", b"x1", None))
+    b.later(lambda: order.append(f"sync, {len(sent['out'])} sent, x={t.get('x')}"))
+    b.event = e2
+    b.delete(t, "gone")
+    b.put(t, "x", 2)
+    b.emit(("out", "x", b"x2", None), ("out", "y", b"y", None))
+
+    async def follow_up() -> None:
+        order.append("async")
+
+    b.later(lambda: 1 / 0)  # a failing follow-up is logged; the others still run
+    b.later(follow_up)
+    await b.commit(ctx, "test")
+    assert [v for _, v, _ in sent["out"]] == [b"x1", b"x2", b"y"], "same key in order"
+    assert t == {"x": 2}
+    assert [(op, key, ev) for op, key, ev in t.writes[1:]] == [("set", "x", e2), ("del", "gone", e2)]
+    assert order == ["sync, 3 sent, x=2", "async"]
+    assert current_event() is None
+
+
+async def test_bad_input_in_a_batch_is_dead_lettered_alone():
+    t = Table()
+    sent: dict[str, list] = {}
+    ctx = context(sent)
+
+    def handler(ev, b: Batch) -> None:
+        b.put(t, ev.value, 1)
+        b.emit(("out", ev.value, ev.value, None))
+        if ev.value == b"bad":
+            raise BadInput("value: bad on purpose")
+        if ev.value == b"bug":
+            raise KeyError("oops")
+
+    events = [event("in", v, i) for i, v in enumerate([b"a", b"bad", b"b", b"bug"])]
+    await process_batch(ctx, events, handler, lambda ev: "in.dlq", "test")
+    assert set(t) == {b"a", b"b"}
+    assert [v for _, v, _ in sent["out"]] == [b"a", b"b"]
+    reasons = [h["reason"] for _, _, h in sent["in.dlq"]]
+    assert reasons == [b"value: bad on purpose", b"internal error: KeyError: 'oops'"]
+    assert [h["offset"] for _, _, h in sent["in.dlq"]] == [b"1", b"3"]
+
+
+async def test_producer_lanes_keep_partition_order_and_do_not_block_each_other():
+    producer_lanes.install()
+    buf = ProducerBuffer()
+    buf.app = SimpleNamespace(conf=SimpleNamespace(producer_threaded=False))
+    gate = asyncio.Event()
+    handed: list[tuple[int, int]] = []
+
+    async def send_pending(fut) -> None:
+        if fut.message.partition == 0:
+            await gate.wait()  # partition 0's batch is full: its records wait for a request
+        handed.append((fut.message.partition, fut.n))
+
+    buf._send_pending = send_pending
+    await buf.start()
+    try:
+        channel = object()
+        for n in range(6):
+            buf.put(SimpleNamespace(n=n, message=SimpleNamespace(channel=channel, partition=n % 2)))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert handed == [(1, 1), (1, 3), (1, 5)], "partition 1 went on while partition 0 waited"
+        assert buf.size == 3, "records waiting in a lane are still in the buffer (flush waits for them)"
+        gate.set()
+        await asyncio.wait_for(buf.flush(), 5)
+        assert buf.size == 0
+        assert [n for p, n in handed if p == 0] == [0, 2, 4], "order within a partition kept"
+    finally:
+        await buf.stop()
