@@ -29,6 +29,7 @@ import faust
 from faust.streams import _current_event
 
 from app.runtime import Runtime
+from app.topics import MAX_REASON_BYTES, dead_letter_value
 from tables.definitions import Tables
 
 log = logging.getLogger(__name__)
@@ -212,47 +213,16 @@ async def process_batch(
 
 
 def dead_letter(dlq: str, event: faust.EventT, reason: str) -> Out:
-    """The original bytes, with where they came from and why they are dead."""
+    """The original bytes (cut when too large for a record), where they came from and why
+    they are dead."""
     msg = event.message
+    value, extra = dead_letter_value(msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b""))
     headers = {
-        "reason": reason.encode()[:4000],
+        "reason": reason.encode(errors="backslashreplace")[:MAX_REASON_BYTES],
         "topic": msg.topic.encode(),
         "partition": str(msg.partition).encode(),
         "offset": str(msg.offset).encode(),
+        **dict(extra),
     }
     key = msg.key if msg.key is not None else b""
-    return (dlq, key, msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b""), headers)
-
-
-async def process_safely(
-    ctx: Context, event: faust.EventT, handler: Any, dlq: str, what: str, attempts: int | None = 8
-) -> None:
-    """Run ``handler(event)``; bad input and repeated internal errors go to ``dlq``.
-
-    Transient failures (Kafka or NATS unavailable) are retried with backoff: the event is
-    not given up while the failure might pass.  After ``attempts`` failures of the same
-    event it is dead-lettered with the error, so one poison record never stops a worker;
-    ``attempts=None`` retries for ever (an output that must not be skipped).
-    """
-    delay, attempt = 0.2, 0
-    while True:
-        attempt += 1
-        try:
-            await handler(event)
-            return
-        except BadInput as exc:
-            ctx.rt.metrics.inc("dead_letters", topic=dlq)
-            log.warning("%s: dead letter (%s)", what, exc)
-            await send_all(ctx, [dead_letter(dlq, event, str(exc))])
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if attempt == attempts:
-                log.exception("%s: giving up on %s:%s@%s", what, event.message.topic, event.message.partition, event.message.offset)
-                ctx.rt.metrics.inc("dead_letters", topic=dlq)
-                await send_all(ctx, [dead_letter(dlq, event, f"internal error: {type(exc).__name__}: {exc}")])
-                return
-            log.warning("%s: attempt %s failed (%s: %s); retrying in %.1fs", what, attempt, type(exc).__name__, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    return (dlq, key, value, headers)

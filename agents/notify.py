@@ -13,14 +13,21 @@ duplicate window instead of reaching subscribers twice.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import faust
 import orjson
 
-from agents.common import Context, process_safely
+from agents.common import Batch, Context, dead_letter
 from app.bridge import ensure_stream
-from app.topics import FILLS_DLQ, ORDER_EXECUTION_ARCHIVE, ORDERS_STATUS, POSITIONS_DISCREPANCIES, SINK_DLQ
+from app.topics import (
+    FILLS_DLQ,
+    ORDER_EXECUTION_ARCHIVE,
+    ORDERS_STATUS,
+    POSITIONS_DISCREPANCIES,
+    SINK_DLQ,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +68,48 @@ def nats_message(topic: str, raw: bytes, headers: dict[str, bytes], where: str) 
 def register(ctx: Context) -> None:
     app = ctx.app
     source = app.topic(*INPUTS, key_serializer="raw", value_serializer="raw")
+    settings = ctx.rt.settings
     ready = {"streams": False}
 
-    async def publish(event: faust.EventT) -> None:
-        msg = event.message
-        out = nats_message(msg.topic, event.value, dict(msg.headers or ()), f"{msg.partition}:{msg.offset}")
-        if out is None:
-            return
-        js = await ctx.rt.jetstream()
-        if not ready["streams"]:
-            for name, subjects in (ORDERS_STREAM, ALERTS_STREAM):
-                await ensure_stream(js, name, subjects)
-            ready["streams"] = True
-        subject, payload, msg_id = out
-        await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
-        ctx.rt.metrics.inc("nats_published", subject=subject.split(".")[0])
+    async def publish(messages: list[tuple[str, bytes, str]]) -> None:
+        """Publish a batch side by side and wait for every JetStream ack; while NATS is down
+        the batch is held back and published again (the msg ids drop what already landed)."""
+        delay = 0.2
+        while True:
+            try:
+                js = await ctx.rt.jetstream()
+                if not ready["streams"]:
+                    for name, subjects in (ORDERS_STREAM, ALERTS_STREAM):
+                        await ensure_stream(js, name, subjects)
+                    ready["streams"] = True
+                await asyncio.gather(*(js.publish(s, p, headers={"Nats-Msg-Id": i}) for s, p, i in messages))
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("notify: %d messages not acknowledged by JetStream (%s: %s); again in %.1fs",
+                            len(messages), type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for subject, _, _ in messages:
+            ctx.rt.metrics.inc("nats_published", subject=subject.split(".")[0])
 
     @app.agent(source, name="notify")
     async def notify(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            # attempts=None: NATS down holds the notifications back, it never drops them.
-            await process_safely(ctx, event, publish, SINK_DLQ, "notify", attempts=None)
+        async for events in stream.take_events(settings.agent_batch_max, within=settings.agent_batch_within):
+            messages: list[tuple[str, bytes, str]] = []
+            dead = Batch()
+            for event in events:
+                msg = event.message
+                try:
+                    out = nats_message(msg.topic, event.value, dict(msg.headers or ()), f"{msg.partition}:{msg.offset}")
+                except (ValueError, KeyError, TypeError) as exc:  # not a record this service wrote
+                    ctx.rt.metrics.inc("dead_letters", topic=SINK_DLQ)
+                    dead.emit(dead_letter(SINK_DLQ, event, f"notify: unreadable {msg.topic} record: {type(exc).__name__}: {exc}"))
+                    continue
+                if out is not None:
+                    messages.append(out)
+            if messages:
+                await publish(messages)
+            if dead:
+                await dead.commit(ctx, "notify")

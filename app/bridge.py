@@ -25,7 +25,6 @@ closes its clients.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import signal
 from collections import Counter
@@ -35,22 +34,33 @@ from typing import Callable
 import nats
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel
 
 from app.models import ApprovedSignal, DecodeError, Fill, from_json
 from app.settings import Settings
-from app.topics import FILLS, FILLS_DLQ, SIGNALS_APPROVED, SIGNALS_DLQ, ensure_topics
+from app.topics import (
+    FILLS,
+    FILLS_DLQ,
+    MAX_REASON_BYTES,
+    SIGNALS_APPROVED,
+    SIGNALS_DLQ,
+    dead_letter_value,
+    ensure_topics,
+)
 
 log = logging.getLogger("execution.bridge")
 
 #: Largest payload forwarded; anything larger is dead-lettered unread.
 MAX_PAYLOAD_BYTES = 64 * 1024
-#: Largest value of a dead letter: well below the producer's 1 MiB request limit, headers included.
-MAX_DEAD_LETTER_BYTES = 512 * 1024
-#: Longest ``reason`` header.
-MAX_REASON_BYTES = 4000
 
 
 @dataclass(frozen=True)
@@ -244,15 +254,8 @@ class Bridge:
             ("subject", msg.subject.encode(errors="backslashreplace")),
             ("route", route.name.encode()),
         ]
-        value = msg.data
-        if len(value) > MAX_DEAD_LETTER_BYTES:
-            headers += [
-                ("truncated", b"1"),
-                ("original_size", str(len(value)).encode()),
-                ("sha256", hashlib.sha256(value).hexdigest().encode()),
-            ]
-            value = value[:MAX_DEAD_LETTER_BYTES]
-        return await self._producer.send(route.dlq_topic, value, headers=headers)
+        value, extra = dead_letter_value(msg.data)
+        return await self._producer.send(route.dlq_topic, value, headers=headers + extra)
 
 
 async def ensure_stream(js, name: str, subjects: list[str]) -> None:

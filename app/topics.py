@@ -8,6 +8,7 @@ differs from its source topic's (co-partitioning is what makes a join a table lo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -32,6 +33,24 @@ EXECUTIONS = "executions"  # each applied fill, key: "{account}:{symbol}" (feeds
 POSITIONS = "positions"  # each position update, key: "{account}:{symbol}"
 POSITIONS_DISCREPANCIES = "positions.discrepancies"
 SINK_DLQ = "sink.dlq"
+
+#: Largest value of a dead letter: well below a producer's 1 MiB request limit, headers included.
+MAX_DEAD_LETTER_BYTES = 512 * 1024
+#: Longest ``reason`` header.
+MAX_REASON_BYTES = 4000
+
+
+def dead_letter_value(value: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A dead letter's value and extra headers: the original bytes, cut to
+    :data:`MAX_DEAD_LETTER_BYTES` with ``truncated``/``original_size``/``sha256`` (of the
+    whole original) when larger, so a dead letter always fits in a Kafka record."""
+    if len(value) <= MAX_DEAD_LETTER_BYTES:
+        return value, []
+    return value[:MAX_DEAD_LETTER_BYTES], [
+        ("truncated", b"1"),
+        ("original_size", str(len(value)).encode()),
+        ("sha256", hashlib.sha256(value).hexdigest().encode()),
+    ]
 
 
 @dataclass(frozen=True)

@@ -51,11 +51,11 @@ from hypothesis import strategies as st
 from pipeline import Pipeline
 from support import publish
 
-from app.bridge import MAX_DEAD_LETTER_BYTES, MAX_PAYLOAD_BYTES
+from app.bridge import MAX_PAYLOAD_BYTES
 from app.kafka_io import Record, read_topic
 from app.models import ApprovedSignal, DecodeError, Fill, OrderState, from_json
 from app.sample import REFERENCE, signal_dict
-from app.topics import FILLS, FILLS_DLQ, SIGNALS_DLQ
+from app.topics import FILLS, FILLS_DLQ, MAX_DEAD_LETTER_BYTES, SIGNALS_DLQ
 from tables.idempotency import order_id_for
 from tables.symbols import DEFAULT_SYMBOLS
 
@@ -311,11 +311,6 @@ async def test_generated_bad_signals_and_fills_are_dead_lettered_beside_valid_tr
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(strict=True, reason=(
-    "agents/common.py: a dead letter of a record near Kafka's size limit (the original bytes plus "
-    "the reason/topic/partition/offset headers) exceeds the worker producer's max_request_size "
-    "(Faust's 1,000,000 bytes): MessageSizeTooLargeError escapes process_safely, the orders agent "
-    "crashes (Faust restarts it) and the record is skipped without a dead letter"))
 async def test_fill_at_the_kafka_record_limit_is_dead_lettered_without_a_crash(tmp_path):
     """Raw fills as large as a Kafka record can be: each must still reach ``fills.dlq`` (cut,
     if need be), the agent must not crash, and a valid signal behind them still fills."""
