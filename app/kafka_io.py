@@ -33,13 +33,15 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str, wait: float) -> li
 
 
 async def read_topic(
-    settings: Settings, topic: str, *, expect: int | None = None, timeout: float = 30.0, idle: float = 1.5
+    settings: Settings, topic: str, *, expect: int | None = None, timeout: float = 30.0, idle: float = 1.5,
+    strict: bool = True,
 ) -> list[Record]:
     """Every record of a topic from the beginning.
 
-    Stops when ``expect`` records were read and nothing more arrived for ``idle`` seconds
-    (so a surplus shows up), or at ``timeout``.  Without ``expect``, reads to the end
-    offsets seen at the start and then waits ``idle`` for stragglers.
+    Reads at least to the end offsets seen at the start (and ``expect`` records, if given),
+    then waits ``idle`` seconds for stragglers (so a surplus shows up).  At ``timeout``
+    short of that it raises :class:`TimeoutError`, or with ``strict=False`` returns what it
+    read (for diagnostics).
     """
     consumer = AIOKafkaConsumer(**settings.aiokafka_common(), enable_auto_commit=False)
     await consumer.start()
@@ -49,6 +51,7 @@ async def read_topic(
             return []
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
         out: list[Record] = []
         deadline = time.monotonic() + timeout
         last_new = time.monotonic()
@@ -61,8 +64,17 @@ async def read_topic(
                     n += 1
             if n:
                 last_new = time.monotonic()
-            elif (expect is None or len(out) >= expect) and time.monotonic() - last_new > idle:
+                continue
+            if expect is not None and len(out) < expect:
+                continue
+            if any(await consumer.position(tp) < end[tp] for tp in tps):
+                continue  # a slow fetch is not the end: the end offsets seen at the start come first
+            if time.monotonic() - last_new > idle:
                 break
+        else:
+            if not strict:
+                return out
+            raise TimeoutError(f"{topic}: read {len(out)} records in {timeout}s, not to its end offsets {end}")
         return out
     finally:
         await consumer.stop()
