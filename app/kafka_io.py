@@ -67,7 +67,7 @@ async def read_topic(
                 continue
             if expect is not None and len(out) < expect:
                 continue
-            if any(await consumer.position(tp) < end[tp] for tp in tps):
+            if [tp for tp in tps if await consumer.position(tp) < end[tp]]:
                 continue  # a slow fetch is not the end: the end offsets seen at the start come first
             if time.monotonic() - last_new > idle:
                 break
