@@ -1,6 +1,6 @@
 """Latency from NATS publish to broker submission, at fixed publish rates.
 
-    python bench/latency.py [--rates 100 1000 5000] [--seconds 2] [--max-signals 4000] [--signals N]
+    python bench/latency.py [--rates 100 1000 5000] [--seconds 2] [--max-signals 2000] [--signals N]
 
 One local stack (Tansu, nats-server, the MT5 simulator, the bridge, one worker), prices held
 at the reference mids so market orders fill without requotes.  For each rate:
@@ -327,10 +327,10 @@ async def main(argv: list[str] | None = None) -> list[tuple[float, Run, Run]]:
     ap.add_argument("--rates", type=float, nargs="+", default=[100, 1000, 5000], help="publish rates, signals/s")
     ap.add_argument("--seconds", type=float, default=2.0, help="publishing time per rate (signals = rate x seconds)")
     ap.add_argument("--signals", type=int, default=None, help="signals per rate (overrides --seconds)")
-    ap.add_argument("--max-signals", type=int, default=4000,
-                    help="cap on rate x seconds (the service drains a few dozen signals/s here: 4000 take minutes)")
+    ap.add_argument("--max-signals", type=int, default=2000,
+                    help="cap on rate x seconds (the service drains a few dozen signals/s here: 2000 take a minute)")
     ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--timeout", type=float, default=600,
+    ap.add_argument("--timeout", type=float, default=300,
                     help="seconds to wait for every signal of a rate to reach the broker, and again to drain")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (service logs); kept anyway after "
                     "restarts or missing signals")
