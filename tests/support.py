@@ -6,27 +6,70 @@ import asyncio
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
+import nats.js.errors
+from clickhouse_connect.driver.exceptions import OperationalError
 
 from app.kafka_io import Record, read_topic, topic_counts  # noqa: F401 (re-exported for tests)
+from app.sinks.clickhouse import ClickHouseStore
+
+#: Publish failures that pass: the server restarting or not there yet, the stream not created yet.
+#: (A closed connection is not among them: with unlimited reconnects it only closes for good.)
+TRANSIENT = (
+    TimeoutError,  # asyncio's, and nats.errors.TimeoutError
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
 
 
 async def publish(
-    nats_url: str, items: list[tuple[str, bytes]], *, jetstream: bool = True, rate: float | None = None
-) -> None:
+    nats_url: str,
+    items: list[tuple[str, bytes]],
+    *,
+    jetstream: bool = True,
+    rate: float | None = None,
+    retry_for: float = 60.0,
+    on_ack: Callable[[int], None] | None = None,
+) -> int:
     """Publish (subject, payload) pairs; with JetStream, wait for each stored ack.
 
     ``rate`` (messages/s) paces the publisher, e.g. so a kill lands mid-stream.
+
+    With JetStream the publisher behaves as a careful upstream service does: a message whose
+    ack does not come (NATS restarting, the stream not created yet) is sent again until it is
+    acknowledged, for at most ``retry_for`` seconds each, and every message carries a unique
+    ``Nats-Msg-Id`` so that a resend of one the server had stored (its ack lost) is dropped by
+    the stream's duplicate window: each item is stored exactly once.  ``on_ack(n)`` is called
+    with the number acknowledged so far.  Returns the number of resends.
     """
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    resends = 0
     try:
         if jetstream:
             js = nc.jetstream()
             start = time.monotonic()
+            run = uuid.uuid4().hex
             for i, (subject, data) in enumerate(items):
-                await js.publish(subject, data)
+                headers = {"Nats-Msg-Id": f"{run}-{i}"}
+                deadline = time.monotonic() + retry_for
+                while True:
+                    try:
+                        await js.publish(subject, data, headers=headers, timeout=2.0)
+                        break
+                    except TRANSIENT as exc:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"{subject}: no JetStream ack in {retry_for}s ({exc!r})") from exc
+                        resends += 1
+                        await asyncio.sleep(0.1)
+                if on_ack is not None:
+                    on_ack(i + 1)
                 if rate:
                     delay = start + (i + 1) / rate - time.monotonic()
                     if delay > 0:
@@ -37,6 +80,7 @@ async def publish(
             await nc.flush()
     finally:
         await nc.close()
+    return resends
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -61,3 +105,37 @@ async def wait_until(predicate, timeout: float = 30.0, interval: float = 0.2, wh
             return result
         await asyncio.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+class FlakyStore(ClickHouseStore):
+    """The real store (chDB), with inserts that fail as an unreachable ClickHouse server's do
+    while it is 'down': ``orders`` for the first ``orders_down`` seconds after the first insert
+    attempt following :meth:`arm`, the other tables for ``others_down`` seconds (so a batch can
+    fail half-inserted).  ``arm(0, 0)``: up; arm again mid-run for an outage from then on."""
+
+    def arm(self, orders_down: float, others_down: float) -> FlakyStore:
+        self.orders_down, self.others_down = orders_down, others_down
+        self.first_attempt: float | None = None
+        self.attempts = self.failures = 0
+        return self
+
+    def _maybe_fail(self, down_for: float) -> None:
+        now = time.monotonic()
+        self.attempts += 1
+        if self.first_attempt is None:
+            self.first_attempt = now
+        if now - self.first_attempt < down_for:
+            self.failures += 1
+            raise OperationalError("Error HTTPConnectionPool(host='clickhouse', port=8123): connection refused (injected)")
+
+    def insert_orders(self, orders):
+        self._maybe_fail(self.orders_down)
+        return super().insert_orders(orders)
+
+    def insert_executions(self, executions):
+        self._maybe_fail(self.others_down)
+        return super().insert_executions(executions)
+
+    def insert_positions(self, positions):
+        self._maybe_fail(self.others_down)
+        return super().insert_positions(positions)

@@ -4,20 +4,18 @@ a temporary directory: loading, dead letters, a ClickHouse outage, and a restart
 from __future__ import annotations
 
 import logging
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from clickhouse_connect.driver.exceptions import OperationalError
 
 from app.models import Execution, Order, OrderState, OrderType, Position, Side, to_json
 from app.settings import Settings
 from app.sinks.clickhouse import ClickHouseStore
 from app.sinks.kafka_clickhouse import ClickHouseSink
 from app.topics import EXECUTIONS, ORDERS_STATUS, POSITIONS, SINK_DLQ, ensure_topics
-from support import read_topic, wait_until
+from support import FlakyStore, read_topic, wait_until
 
 SOURCES = [ORDERS_STATUS, EXECUTIONS, POSITIONS]
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -108,39 +106,6 @@ async def topics(settings: Settings) -> Settings:
     await ensure_topics(settings, SOURCES + [SINK_DLQ])
     return settings.model_copy(update=dict(
         broker_session_timeout=2.0, broker_rebalance_timeout=2.0, broker_heartbeat_interval=0.5))
-
-
-class FlakyStore(ClickHouseStore):
-    """The real store, with inserts that fail while ClickHouse is 'down': ``orders`` for the
-    first ``orders_down`` seconds after the first insert attempt, the other tables for
-    ``others_down`` seconds (so a batch can fail half-inserted)."""
-
-    def arm(self, orders_down: float, others_down: float) -> "FlakyStore":
-        self.orders_down, self.others_down = orders_down, others_down
-        self.first_attempt: float | None = None
-        self.attempts = self.failures = 0
-        return self
-
-    def _maybe_fail(self, down_for: float) -> None:
-        now = time.monotonic()
-        self.attempts += 1
-        if self.first_attempt is None:
-            self.first_attempt = now
-        if now - self.first_attempt < down_for:
-            self.failures += 1
-            raise OperationalError("Error HTTPConnectionPool(host='clickhouse', port=8123): connection refused (injected)")
-
-    def insert_orders(self, orders):
-        self._maybe_fail(self.orders_down)
-        return super().insert_orders(orders)
-
-    def insert_executions(self, executions):
-        self._maybe_fail(self.others_down)
-        return super().insert_executions(executions)
-
-    def insert_positions(self, positions):
-        self._maybe_fail(self.others_down)
-        return super().insert_positions(positions)
 
 
 def check_loaded(store: ClickHouseStore, orders: int, executions: int) -> None:
