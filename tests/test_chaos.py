@@ -1,13 +1,15 @@
 """Chaos: thousands of signals while the worker is killed with SIGKILL five times at random
-moments and restarted.  Afterwards: one order and one broker execution per signal, nothing
-lost, positions equal to the sum of their fills (and to the broker's), ClickHouse equal to
-the topics the tables emitted."""
+moments and restarted; and while the bridge is killed, NATS restarted and ClickHouse down.
+Afterwards: one order and one broker execution per signal, nothing lost, positions equal to
+the sum of their fills (and to the broker's), ClickHouse equal to the topics the tables
+emitted."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import random
+import signal
 from collections import defaultdict
 
 import pytest
@@ -16,7 +18,9 @@ from app.models import OrderState
 from app.sample import REFERENCE, signal_dict
 from app.sinks.clickhouse import ClickHouseStore
 from app.sinks.kafka_clickhouse import ClickHouseSink
+from app.topics import SIGNALS_APPROVED
 from pipeline import Pipeline
+from support import FlakyStore, topic_counts, wait_until
 from tables.fills import to_units
 from tables.idempotency import order_id_for
 
@@ -27,6 +31,80 @@ PARTITIONS = 4
 #: net positions were seen to differ from the sum of our fills by whole orders: open, see bench/README.md.
 SIGNALS = int(os.environ.get("EXECUTION_CHAOS_SIGNALS", "1000"))
 KILLS = 5
+#: Signals of the bridge / NATS / ClickHouse run.
+EDGE_SIGNALS = int(os.environ.get("EXECUTION_EDGE_CHAOS_SIGNALS", "800"))
+
+
+def chaos_signals(n: int, rng: random.Random, prefix: str = "chaos") -> tuple[list[dict], list[dict]]:
+    """(n market signals over three accounts, a 2 % sample of them to deliver twice as an
+    upstream resend would)."""
+    signals = [signal_dict(f"{prefix}-{i}", rng, order_type="market", lots=rng.choice((0.01, 0.1, 1.0)),
+                           account=rng.choice(("acc-1", "acc-2", "acc-3"))) for i in range(n)]
+    return signals, rng.sample(signals, n // 50)
+
+
+async def hold_prices(p: Pipeline) -> None:
+    for symbol, (mid, _) in REFERENCE.items():
+        await p.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+
+
+async def check_nothing_lost_or_doubled(p: Pipeline, sink: ClickHouseSink, store: ClickHouseStore, ids: list[str],
+                                        timeout: float = 400) -> None:
+    """Every order FILLED, created once, submitted and executed once at the broker; each
+    order's fills sum to its volume; net positions = the sum of the fills = the broker's;
+    ClickHouse holds exactly these orders, positions and executions."""
+    orders = await p.wait_orders(ids, timeout=timeout)
+
+    assert {orders[i].state for i in ids} == {OrderState.FILLED}
+    events = await p.events()
+    created = [sum(1 for e in events[i] if e.type.value == "created") for i in ids]
+    assert created == [1] * len(ids), "exactly one order per signal"
+    stats = await p.sim_stats()
+    executed = {i: stats["executed"].get(i) for i in ids if stats["executed"].get(i) != 1}
+    assert not executed, f"exactly one broker execution per signal: {executed}"
+    submitted = {i: stats["by_comment"].get(i) for i in ids if stats["by_comment"].get(i) != 1}
+    assert not submitted, f"exactly one submission per signal: {submitted}"
+
+    fills = await p.executions(timeout=120)
+    net: dict[str, int] = defaultdict(int)
+    for i in ids:
+        assert sum(to_units(f.volume) for f in fills[i]) == to_units(orders[i].volume), i
+        for f in fills[i]:
+            net[f"{f.account}:{f.symbol}"] += to_units(f.volume) * f.side.sign
+    net = {k: v for k, v in net.items() if v}
+    snap = await p._request("mt5.positions.snapshot", {})
+    broker = {f"{b['account']}:{b['symbol']}": to_units(b["net_volume"]) for b in snap["positions"]}
+    assert net == {k: v for k, v in broker.items() if v}
+
+    # The positions agent applies the executions after the orders are FILLED: wait until its
+    # table agrees with the fills (a position that never does is the failure).
+    async def positions_table() -> dict[str, int]:
+        return {k: to_units(v.net_volume) for k, v in (await p.positions()).items() if to_units(v.net_volume)}
+
+    async def positions_agree() -> bool:
+        return await positions_table() == net
+
+    try:
+        await wait_until(positions_agree, timeout=120, what="positions = the sum of their fills")
+    except TimeoutError:
+        table = await positions_table()
+        differ = {k: (table.get(k), net.get(k)) for k in set(table) | set(net) if table.get(k) != net.get(k)}
+        raise AssertionError(f"positions (table, sum of fills) differ: {differ}") from None
+
+    await sink.wait_idle(timeout=120)
+    ch = dict(store.query("SELECT state, count() FROM orders GROUP BY state"))
+    assert ch == {"FILLED": len(ids)}
+    ch_pos = {f"{r['account']}:{r['symbol']}": to_units(r["net_volume"]) for r in store.query_dicts("SELECT * FROM positions")}
+    assert {k: v for k, v in ch_pos.items() if v} == net
+    assert store.query("SELECT count() FROM executions")[0][0] == sum(len(f) for f in fills.values())
+    # Row for row: ClickHouse's orders and positions are the tables' latest snapshots.
+    latest, positions = await p.orders(), await p.positions()
+    ch_orders = {r["order_id"]: (r["state"], r["version"], to_units(r["filled_volume"]))
+                 for r in store.query_dicts("SELECT order_id, state, version, filled_volume FROM orders")}
+    assert ch_orders == {i: (o.state.value, o.version, to_units(o.filled_volume)) for i, o in latest.items()}
+    ch_versions = {f"{r['account']}:{r['symbol']}": (to_units(r["net_volume"]), r["version"])
+                   for r in store.query_dicts("SELECT account, symbol, net_volume, version FROM positions")}
+    assert ch_versions == {k: (to_units(v.net_volume), v.version) for k, v in positions.items()}
 
 
 @pytest.mark.timeout(600)
@@ -38,14 +116,11 @@ async def test_worker_sigkilled_five_times_loses_and_doubles_nothing(tmp_path):
     sink = ClickHouseSink(p.settings, store=store)
     await sink.start()
     try:
-        for symbol, (mid, _) in REFERENCE.items():
-            await p.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+        await hold_prices(p)
         rng = random.Random(99)
-        signals = [signal_dict(f"chaos-{i}", rng, order_type="market", lots=rng.choice((0.01, 0.1, 1.0)),
-                               account=rng.choice(("acc-1", "acc-2", "acc-3"))) for i in range(SIGNALS)]
+        signals, dupes = chaos_signals(SIGNALS, rng)
         ids = [order_id_for(s["signal_id"], PARTITIONS) for s in signals]
         # Some signals are delivered twice, as an upstream resend would.
-        dupes = rng.sample(signals, SIGNALS // 50)
         rate = 200.0
         publisher = asyncio.create_task(p.publish_signals(signals + dupes, rate=rate))
 
@@ -56,32 +131,72 @@ async def test_worker_sigkilled_five_times_loses_and_doubles_nothing(tmp_path):
                 await asyncio.to_thread(p.services.restart, "worker-1", True)
 
         await asyncio.gather(publisher, killer())
-        orders = await p.wait_orders(ids, timeout=400)
+        await check_nothing_lost_or_doubled(p, sink, store, ids)
+    finally:
+        await sink.stop()
+        store.close()
+        p.stop()
 
-        assert {orders[i].state for i in ids} == {OrderState.FILLED}
-        events = await p.events()
-        created = [sum(1 for e in events[i] if e.type.value == "created") for i in ids]
-        assert created == [1] * len(ids), "exactly one order per signal"
-        stats = await p.sim_stats()
-        assert all(stats["executed"].get(i) == 1 for i in ids), "exactly one broker execution per signal"
-        assert all(stats["by_comment"].get(i) == 1 for i in ids), "exactly one submission per signal"
 
-        fills = await p.executions(timeout=120)
-        net: dict[str, int] = defaultdict(int)
-        for i in ids:
-            assert sum(to_units(f.volume) for f in fills[i]) == to_units(orders[i].volume), i
-            for f in fills[i]:
-                net[f"{f.account}:{f.symbol}"] += to_units(f.volume) * f.side.sign
-        snap = await p._request("mt5.positions.snapshot", {})
-        broker = {f"{b['account']}:{b['symbol']}": to_units(b["net_volume"]) for b in snap["positions"]}
-        assert {k: v for k, v in net.items() if v} == {k: v for k, v in broker.items() if v}
+@pytest.mark.timeout(400)
+async def test_bridge_killed_nats_restarted_clickhouse_down_loses_and_doubles_nothing(tmp_path):
+    """While signals flow: the bridge is SIGKILLed (working through a backlog) and restarted,
+    NATS is restarted, and ClickHouse refuses inserts for a while.
 
-        await sink.wait_idle(timeout=120)
-        ch = dict(store.query("SELECT state, count() FROM orders GROUP BY state"))
-        assert ch == {"FILLED": len(ids)}
-        ch_pos = {f"{r['account']}:{r['symbol']}": to_units(r["net_volume"]) for r in store.query_dicts("SELECT * FROM positions")}
-        assert {k: v for k, v in ch_pos.items() if v} == {k: v for k, v in net.items() if v}
-        assert store.query("SELECT count() FROM executions")[0][0] == sum(len(f) for f in fills.values())
+    "Nothing lost" starts at JetStream's ack: the upstream publisher resends every signal until
+    JetStream acknowledges it (with a message id, so a resend of one already stored is dropped).
+    The bridge acks NATS only after Kafka's ack, so its kill redelivers (duplicates on Kafka,
+    removed by the orders agent); the sink commits only after ClickHouse stored a batch."""
+    p = Pipeline(tmp_path, partitions=PARTITIONS)
+    await p.start()
+    store = FlakyStore.from_dsn(f"chdb:///{tmp_path / 'chdb'}").arm(orders_down=0, others_down=0)
+    store.ensure_schema()
+    sink = ClickHouseSink(p.settings, store=store, retry_max=1.0)
+    await sink.start()
+    try:
+        await hold_prices(p)
+        signals, dupes = chaos_signals(EDGE_SIGNALS, random.Random(17), prefix="edge")
+        ids = [order_id_for(s["signal_id"], PARTITIONS) for s in signals]
+        total = len(signals) + len(dupes)
+        acked = [0]
+        publisher = asyncio.create_task(
+            p.publish_signals(signals + dupes, rate=200.0, on_ack=lambda n: acked.__setitem__(0, n)))
+
+        async def when_published(fraction: float) -> int:
+            while acked[0] < fraction * total:
+                assert not publisher.done(), "the publisher stopped early"
+                await asyncio.sleep(0.02)
+            return acked[0]
+
+        bridge_pid, nats_pid = p.services.running["bridge"].proc.pid, p.stack.nats.pid
+        seen: dict[str, int] = {}
+
+        async def chaos() -> None:
+            # The bridge is frozen (SIGSTOP) while a backlog builds up, thawed, and killed while
+            # it works through it: some records are on Kafka and not yet acked on NATS.
+            await when_published(0.15)
+            os.kill(bridge_pid, signal.SIGSTOP)
+            await when_published(0.25)
+            os.kill(bridge_pid, signal.SIGCONT)
+            await asyncio.sleep(0.05)
+            seen["bridge killed"] = acked[0]
+            await asyncio.to_thread(p.services.restart, "bridge", True)
+            seen["clickhouse down"] = await when_published(0.4)
+            store.arm(orders_down=6.0, others_down=6.0)  # from its next insert on
+            seen["nats restarted"] = await when_published(0.6)
+            await asyncio.to_thread(p.stack.restart_nats)
+
+        resends, _ = await asyncio.gather(publisher, chaos())
+        # Each blow landed mid-stream, and did hit.
+        assert all(0 < n < total for n in seen.values()), seen
+        assert p.services.running["bridge"].proc.pid != bridge_pid and p.services.running["bridge"].alive
+        assert p.stack.nats.pid != nats_pid
+        await check_nothing_lost_or_doubled(p, sink, store, ids, timeout=240)
+        assert store.failures > 0 and sink.stats["insert_failures"] == store.failures, (store.failures, dict(sink.stats))
+        forwarded = (await topic_counts(p.settings, [SIGNALS_APPROVED]))[SIGNALS_APPROVED]
+        print(f"edge chaos: {seen}, publisher resends {resends}, signals on Kafka {forwarded} of {total} published "
+              f"(the surplus: redelivered after the bridge's kill), ClickHouse insert failures {store.failures}, "
+              f"sink {dict(sink.stats)}")
     finally:
         await sink.stop()
         store.close()
