@@ -310,7 +310,12 @@ class OrdersAgent:
         if resume:
             # This order may have reached the broker before a crash: ask before any resend.
             status = await self._status(client, order)
-            if status is not None and status.get("known"):
+            if status is None:
+                # No answer: the broker may have it.  Never resend blind; the order stays
+                # PENDING and the timer asks again.
+                log.info("order %s: no answer to the status query; resume later", order.order_id)
+                return
+            if status.get("known"):
                 await self._command(CommandKind.BROKER_STATUS, order.order_id, status)
                 return
         spec = self.rt.symbols[order.symbol]
