@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     #: forces one record per batch, which keeps Tansu's offsets right at a large throughput
     #: cost (raw produce ~77k -> ~3.5k msg/s here).  Local profile only; benchmarks print it.
     producer_max_batch_size: int | None = None
+    #: How long a consumer fetch may wait at the broker for records (ms).  Tansu answers a
+    #: waiting fetch only when the wait ends, so Faust's fixed 1500 made every Kafka hop cost
+    #: up to 1.5 s (``bench/fetch_wait.py``); the local profile polls every 10 ms instead.
+    consumer_fetch_max_wait_ms: int | None = None
     commit_interval: float = 1.0
     #: The orders and positions agents take up to this many records at a time and wait for
     #: their outputs' acks once per batch (agents/common.py:Batch) ...
@@ -148,6 +152,7 @@ _TUNING = (
     "broker_rebalance_timeout",
     "broker_heartbeat_interval",
     "producer_max_batch_size",
+    "consumer_fetch_max_wait_ms",
 )
 
 _PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
@@ -156,6 +161,7 @@ _PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
         "broker_rebalance_timeout": 6.0,
         "broker_heartbeat_interval": 1.0,
         "producer_max_batch_size": 1,
+        "consumer_fetch_max_wait_ms": 10,
     },
     # Faust's own production defaults.
     Profile.PRODUCTION: {
@@ -163,6 +169,7 @@ _PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
         "broker_rebalance_timeout": 60.0,
         "broker_heartbeat_interval": 3.0,
         "producer_max_batch_size": 16384,
+        "consumer_fetch_max_wait_ms": 1500,
     },
 }
 
