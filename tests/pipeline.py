@@ -112,7 +112,7 @@ class Pipeline:
     async def _latest(self, topic: str, model: Any, key: Callable[[Any], str]) -> dict[str, Any]:
         """The highest-version snapshot per key of a topic of versioned snapshots."""
         latest: dict[str, Any] = {}
-        for r in await read_topic(self.settings, topic, idle=0.3):
+        for r in await read_topic(self.settings, topic, idle=0.3, timeout=300):
             m = model.model_validate_json(r.value)
             k = key(m)
             if k not in latest or m.version >= latest[k].version:
@@ -142,7 +142,7 @@ class Pipeline:
         """Archive events per order id, replays removed (same event id), in version order."""
         seen: set[str] = set()
         out: dict[str, list[OrderEvent]] = defaultdict(list)
-        for r in await read_topic(self.settings, ORDER_EXECUTION_ARCHIVE, idle=0.3):
+        for r in await read_topic(self.settings, ORDER_EXECUTION_ARCHIVE, idle=0.3, timeout=300):
             e = OrderEvent.model_validate_json(r.value)
             if e.event_id not in seen:
                 seen.add(e.event_id)
