@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -98,6 +99,10 @@ def worker_health(port: int) -> dict | None:
         return None
 
 
+def restarts_seen(p) -> int:
+    return getattr(p.services, "restarts", 0) if p.services else 0
+
+
 async def wait_settled(p, timeout: float = 120.0) -> float:
     """Wait until every worker is healthy (tables recovered, not rebalancing) with the same
     partition assignment on two polls a second apart: joining workers rebalance the others."""
@@ -119,19 +124,24 @@ async def run_workers(args, workers: int, with_passthrough: bool) -> tuple[float
     """A fresh stack with ``workers`` workers: (pass-through msg/s or None, end-to-end, publisher)."""
     from pipeline import Pipeline
 
-    p = Pipeline(Path(tempfile.mkdtemp(prefix="bench-")), partitions=args.partitions, config={})
+    p = Pipeline(Path(tempfile.mkdtemp(prefix="bench-throughput-")), partitions=args.partitions, config={})
     await p.start(workers=workers)
+    clean = False
     try:
         await wait_settled(p)
         raw = await passthrough(p.settings, args.signals, args.partitions) if with_passthrough else None
         e2e, pub = await end_to_end(p, args.signals, args.partitions)
-        restarts = getattr(p.services, "restarts", 0)
+        restarts = restarts_seen(p)
         if restarts:
             print(f"NOTE: with {workers} worker(s) the stall watchdog restarted a worker {restarts} times "
-                  "during the run (a restart stops that worker for its startup and recovery)", flush=True)
+                  f"during the run (a restart stops that worker for its startup and recovery); logs in {p.workdir}",
+                  flush=True)
+        clean = not restarts
         return raw, e2e, pub, p.settings
     finally:
         p.stop()
+        if clean:  # kept after restarts or a failure: the logs say why
+            shutil.rmtree(p.workdir, ignore_errors=True)
 
 
 async def main(argv: list[str] | None = None) -> dict:

@@ -126,3 +126,11 @@ async def test_throughput_script_with_two_workers(capsys):
     assert result["passthrough"] > 0 and set(result["runs"]) == {2}
     e2e, pub = result["runs"][2]
     assert e2e > 0 and pub > 0  # end_to_end itself asserts every order FILLED
+
+
+@pytest.mark.slow
+async def test_fetch_wait_script_reads_every_record(capsys):
+    out = await load("fetch_wait").main(["--waits", "50", "5", "--messages", "10", "--rate", "50"])
+    text = capsys.readouterr().out
+    assert "producer_max_batch_size=1" in text and "fetch_max_wait_ms" in text
+    assert set(out) == {50, 5} and all(len(v) == 10 and v[0] >= 0 for v in out.values())
