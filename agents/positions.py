@@ -28,10 +28,10 @@ from app.models import (
 from app.mt5.contract import NoReply
 from app.topics import (
     EXECUTIONS,
+    EXECUTIONS_DLQ,
     ORDER_EXECUTION_ARCHIVE,
     POSITIONS,
     POSITIONS_DISCREPANCIES,
-    SINK_DLQ,
 )
 from tables.fills import to_units
 from tables.idempotency import partition_for
@@ -163,7 +163,7 @@ def register(ctx: Context) -> PositionsAgent:
     settings = ctx.rt.settings
 
     def dlq_for(event: faust.EventT) -> str:
-        return SINK_DLQ
+        return EXECUTIONS_DLQ
 
     @app.agent(source, name="positions")
     async def positions(stream: faust.StreamT) -> None:

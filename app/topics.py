@@ -32,6 +32,7 @@ ORDERS_STATUS = "orders.status"  # each state change: the Order snapshot, key: o
 EXECUTIONS = "executions"  # each applied fill, key: "{account}:{symbol}" (feeds positions)
 POSITIONS = "positions"  # each position update, key: "{account}:{symbol}"
 POSITIONS_DISCREPANCIES = "positions.discrepancies"
+EXECUTIONS_DLQ = "executions.dlq"  # executions/discrepancies the positions agent cannot apply
 SINK_DLQ = "sink.dlq"
 
 #: Largest value of a dead letter: well below a producer's 1 MiB request limit, headers included.
@@ -72,6 +73,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(EXECUTIONS),
     TopicSpec(POSITIONS),
     TopicSpec(POSITIONS_DISCREPANCIES),
+    TopicSpec(EXECUTIONS_DLQ),
     TopicSpec(SINK_DLQ),
 )
 

@@ -173,3 +173,35 @@ async def test_reconciliation_finds_an_injected_discrepancy_and_corrects_it(pipe
         assert "alerts.execution.reconciliation" in subjects
     finally:
         await pipe.set_config(TEST_CONFIG)
+
+
+async def test_executions_the_positions_agent_cannot_apply_are_dead_lettered(pipe: Pipeline):
+    """Bad records on ``executions`` (not JSON, a missing field, an unknown symbol) end in
+    ``executions.dlq`` with a reason; the positions agent goes on with valid traffic."""
+    from aiokafka import AIOKafkaProducer
+
+    from app.topics import EXECUTIONS, EXECUTIONS_DLQ
+
+    good = orjson.loads((await read_topic(pipe.settings, EXECUTIONS, idle=0.3, timeout=60))[0].value)
+    bad = [
+        (b"acc-1:EURUSD", b"{not json"),
+        (b"acc-1:EURUSD", orjson.dumps({k: v for k, v in good.items() if k != "volume"})),
+        (b"acc-1:NOPE", orjson.dumps({**good, "symbol": "NOPE", "execution_id": "x:1"})),
+    ]
+    producer = AIOKafkaProducer(**pipe.settings.producer_options())
+    await producer.start()
+    try:
+        for key, value in bad:
+            await producer.send_and_wait(EXECUTIONS, value, key=key)
+    finally:
+        await producer.stop()
+    dlq = await read_topic(pipe.settings, EXECUTIONS_DLQ, expect=len(bad), timeout=60)
+    assert sorted(r.value for r in dlq) == sorted(v for _, v in bad)
+    reasons = {r.value: r.headers["reason"].decode() for r in dlq}
+    assert "volume" in reasons[bad[1][1]] and "NOPE" in reasons[bad[2][1]], reasons
+    # The worker goes on: a new signal still fills.
+    rng = random.Random(5)
+    s = signal_dict("after-bad-executions", rng, symbol="EURUSD", order_type="market", lots=0.1)
+    await pipe.publish_signals([s])
+    orders = await pipe.wait_orders([oid(s["signal_id"])])
+    assert orders[oid(s["signal_id"])].state is OrderState.FILLED
