@@ -191,6 +191,8 @@ async def process_batch(
     the same error), undoes that event's effects and dead-letters it with the reason; the
     rest of the batch goes on.
     """
+    generation = ctx.app.consumer_generation_id
+    events = [e for e in events if not _stale(e, generation)]
     batch = Batch()
     for event in events:
         point = batch.savepoint()
@@ -210,6 +212,26 @@ async def process_batch(
             batch.emit(dead_letter(dlq, event, reason))
     if batch:
         await batch.commit(ctx, what)
+    generation = ctx.app.consumer_generation_id
+    for event in events:
+        _stale(event, generation)
+
+
+def _stale(event: faust.EventT, generation: int) -> bool:
+    """True for an event fetched before the current consumer generation (a rebalance since).
+
+    Faust's stream skips such records when it hands them out, but a batch may hold them
+    across the rebalance, and ``take_events`` acknowledges whatever it yielded.  After a
+    rebalance the partition was sought back to its committed offset, so acknowledging an
+    old, higher offset would make Faust treat the offsets between as a gap and commit past
+    records nobody processed.  The event is marked acknowledged on the message itself, which
+    makes Faust's ack a no-op: it will be fetched and processed again (replays are safe).
+    """
+    message = event.message
+    if message.generation_id == generation:
+        return False
+    message.acked = True
+    return True
 
 
 def dead_letter(dlq: str, event: faust.EventT, reason: str) -> Out:

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
-import os
+import sys
 import shutil
 import tempfile
 import time
@@ -30,11 +29,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.local import LocalStack, tansu_binary
 from app.settings import Settings
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    k = max(0, min(len(sorted_values) - 1, math.ceil(round(q * len(sorted_values) / 100, 9)) - 1))
-    return sorted_values[k]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
+from bench.common import percentile, run_main  # noqa: E402
 
 
 async def hop(settings: Settings, topic: str, partitions: int, wait_ms: int, n: int, rate: float) -> list[float]:
@@ -104,7 +100,4 @@ async def main(argv: list[str] | None = None) -> dict[int, list[float]]:
 
 
 if __name__ == "__main__":
-    load = os.getloadavg()[0]
-    asyncio.run(main())
-    print(f"machine: {os.cpu_count()} CPUs; load average (1 min) {load:.1f} at the start, "
-          f"{os.getloadavg()[0]:.1f} at the end (other processes share this machine)")
+    run_main(main)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import random
 import shutil
 import sys
@@ -47,10 +46,11 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from app.kafka_io import topic_counts
-from app.local import tansu_binary
 from app.mt5 import contract
 from app.sample import REFERENCE, signal_dict
 from app.topics import EXECUTIONS, SIGNALS_APPROVED
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
+from bench.common import broker_line, percentile, run_main  # noqa: E402
 from tables.idempotency import order_id_for
 from tables.order_types import comment_for
 
@@ -60,19 +60,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 #: closed so its requests are received (and timed) but make no deals.
 DIRECT_SYMBOL = "NZDUSD"
 RECEIPTS_CHUNK = 2000
-
-
-def broker_line(settings) -> str:
-    return (f"broker: Tansu ({Path(tansu_binary()).name}, {settings.profile.value} profile); "
-            f"producer_max_batch_size={settings.effective('producer_max_batch_size')}")
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (``q`` in 0..100)."""
-    if not sorted_values:
-        return float("nan")
-    k = max(0, min(len(sorted_values) - 1, math.ceil(round(q * len(sorted_values) / 100, 9)) - 1))
-    return sorted_values[k]
 
 
 @dataclass
@@ -388,8 +375,4 @@ async def main(argv: list[str] | None = None) -> list[tuple[float, Run, Run]]:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    load = os.getloadavg()[0]
-    asyncio.run(main())
-    print(f"machine: {os.cpu_count()} CPUs; load average (1 min) {load:.1f} at the start, "
-          f"{os.getloadavg()[0]:.1f} at the end (other processes share this machine)")
+    run_main(main)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import shutil
 import sys
@@ -47,9 +46,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from app.local import tansu_binary
 from app.models import ApprovedSignal, OrderState, OrderType, to_json
 from app.sample import signal_dict
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
+from bench.common import broker_line, run_main  # noqa: E402
 from tables.idempotency import order_id_for, partition_for
 from tables.order_state import create_order
 
@@ -65,11 +65,6 @@ DONE_READING = "Done reading from changelog topics"
 def changelog_topic(app_id: str, table: str = TABLE) -> str:
     """Faust's changelog topic of a table: ``<app id>-<table>-changelog``."""
     return f"{app_id}-{table}-changelog"
-
-
-def broker_line(settings) -> str:
-    return (f"broker: Tansu ({Path(tansu_binary()).name}, {settings.profile.value} profile); "
-            f"producer_max_batch_size={settings.effective('producer_max_batch_size')}")
 
 
 # --------------------------------------------------------------------------------------
@@ -357,8 +352,4 @@ async def main(argv: list[str] | None = None) -> list[SizeResult]:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    load = os.getloadavg()[0]
-    asyncio.run(main())
-    print(f"machine: {os.cpu_count()} CPUs; load average (1 min) {load:.1f} at the start, "
-          f"{os.getloadavg()[0]:.1f} at the end (other processes share this machine)")
+    run_main(main)

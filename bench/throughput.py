@@ -33,6 +33,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from app.kafka_io import topic_counts
 from app.sample import REFERENCE, signal_dict
 from app.topics import EXECUTIONS, ORDERS_STATUS
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
+from bench.common import run_main  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -175,7 +177,4 @@ async def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    load = os.getloadavg()[0]
-    asyncio.run(main())
-    print(f"machine: {os.cpu_count()} CPUs; load average (1 min) {load:.1f} at the start, "
-          f"{os.getloadavg()[0]:.1f} at the end (other processes share this machine)")
+    run_main(main)

@@ -47,7 +47,8 @@ class Event(SimpleNamespace):
 
 
 def event(topic: str, value: bytes, offset: int) -> Event:
-    return Event(value=value, message=SimpleNamespace(topic=topic, partition=0, offset=offset, key=b"k", value=value))
+    return Event(value=value, message=SimpleNamespace(topic=topic, partition=0, offset=offset, key=b"k", value=value,
+                                                      generation_id=1, acked=False))
 
 
 def context(sent: dict[str, list]) -> SimpleNamespace:
@@ -57,7 +58,8 @@ def context(sent: dict[str, list]) -> SimpleNamespace:
             self[name] = Topic(sent[name])
             return self[name]
 
-    return SimpleNamespace(topic=Topics().__getitem__, rt=SimpleNamespace(metrics=SimpleNamespace(inc=lambda *a, **k: None)))
+    return SimpleNamespace(topic=Topics().__getitem__, rt=SimpleNamespace(metrics=SimpleNamespace(inc=lambda *a, **k: None)),
+                           app=SimpleNamespace(consumer_generation_id=1))
 
 
 def test_reads_see_earlier_writes_and_a_rollback_undoes_one_event():
@@ -128,6 +130,26 @@ async def test_bad_input_in_a_batch_is_dead_lettered_alone():
     reasons = [h["reason"] for _, _, h in sent["in.dlq"]]
     assert reasons == [b"value: bad on purpose", b"internal error: KeyError: 'oops'"]
     assert [h["offset"] for _, _, h in sent["in.dlq"]] == [b"1", b"3"]
+
+
+async def test_events_from_before_a_rebalance_are_neither_handled_nor_acknowledged():
+    sent: dict[str, list] = {}
+    ctx = context(sent)
+    handled: list[bytes] = []
+    old, new = event("in", b"old", 7), event("in", b"new", 3)
+    old.message.generation_id = 0  # fetched before the rebalance, still in the batch
+    await process_batch(ctx, [old, new], lambda ev, b: handled.append(ev.value), lambda ev: "dlq", "test")
+    assert handled == [b"new"]
+    assert old.message.acked is True and new.message.acked is False, "Faust's ack of the old one becomes a no-op"
+
+    # A rebalance while the batch commits: its events are not acknowledged either.
+    def rebalance(ev, b: Batch) -> None:
+        b.emit(("out", "k", ev.value, None))
+        ctx.app.consumer_generation_id = 2
+
+    late = event("in", b"late", 4)
+    await process_batch(ctx, [late], rebalance, lambda ev: "dlq", "test")
+    assert late.message.acked is True
 
 
 async def test_producer_lanes_keep_partition_order_and_do_not_block_each_other():

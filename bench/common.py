@@ -1,0 +1,35 @@
+"""What the benchmark scripts share: the broker line every script prints, a percentile, and
+the command-line entry that ends with the machine's load (a shared 2-core machine: the
+figures move with it)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from app.local import tansu_binary
+
+
+def broker_line(settings: Any) -> str:
+    return (f"broker: Tansu ({Path(tansu_binary()).name}, {settings.profile.value} profile); "
+            f"producer_max_batch_size={settings.effective('producer_max_batch_size')}")
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (``q`` in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, math.ceil(round(q * len(sorted_values) / 100, 9)) - 1))
+    return sorted_values[k]
+
+
+def run_main(main: Callable[[], Awaitable[Any]]) -> None:
+    """Run a script's ``main`` and print the load average at its start and end."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    load = os.getloadavg()[0]
+    asyncio.run(main())
+    print(f"machine: {os.cpu_count()} CPUs; load average (1 min) {load:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end (other processes share this machine)")
