@@ -81,6 +81,21 @@ async def send_all(ctx: Context, records: list[Out]) -> None:
     await asyncio.gather(*futures)
 
 
+async def until_done(what: str, step: Callable[[], Awaitable[Any]]) -> Any:
+    """Await ``step()`` until it succeeds, backing off 0.2 s doubling to 5 s: for effects that
+    must not be dropped while a broker (Kafka, NATS) is away; ``step`` must be safe to repeat."""
+    delay = 0.2
+    while True:
+        try:
+            return await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("%s: not acknowledged (%s: %s); again in %.1fs", what, type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 _DELETED = object()
 
 
@@ -146,18 +161,7 @@ class Batch:
         """Send every output and wait for the acks (retrying while the broker is away: the
         records are deterministic, consumers dedupe a resend), then write the tables, then
         run the after-commit work."""
-        delay = 0.2
-        while True:
-            try:
-                await send_all(ctx, self.outputs)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("%s: %d outputs not acknowledged (%s: %s); resending in %.1fs",
-                            what, len(self.outputs), type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        await until_done(f"{what}: {len(self.outputs)} outputs", lambda: send_all(ctx, self.outputs))
         token = _current_event.set(None)
         try:
             for table, key, value, event in self.writes.values():

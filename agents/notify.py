@@ -19,7 +19,7 @@ import logging
 import faust
 import orjson
 
-from agents.common import Batch, Context, dead_letter
+from agents.common import Batch, Context, dead_letter, until_done
 from app.bridge import ensure_stream
 from app.topics import (
     FILLS_DLQ,
@@ -74,23 +74,15 @@ def register(ctx: Context) -> None:
     async def publish(messages: list[tuple[str, bytes, str]]) -> None:
         """Publish a batch side by side and wait for every JetStream ack; while NATS is down
         the batch is held back and published again (the msg ids drop what already landed)."""
-        delay = 0.2
-        while True:
-            try:
-                js = await ctx.rt.jetstream()
-                if not ready["streams"]:
-                    for name, subjects in (ORDERS_STREAM, ALERTS_STREAM):
-                        await ensure_stream(js, name, subjects)
-                    ready["streams"] = True
-                await asyncio.gather(*(js.publish(s, p, headers={"Nats-Msg-Id": i}) for s, p, i in messages))
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("notify: %d messages not acknowledged by JetStream (%s: %s); again in %.1fs",
-                            len(messages), type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        async def attempt() -> None:
+            js = await ctx.rt.jetstream()
+            if not ready["streams"]:
+                for name, subjects in (ORDERS_STREAM, ALERTS_STREAM):
+                    await ensure_stream(js, name, subjects)
+                ready["streams"] = True
+            await asyncio.gather(*(js.publish(s, p, headers={"Nats-Msg-Id": i}) for s, p, i in messages))
+
+        await until_done(f"notify: {len(messages)} messages to JetStream", attempt)
         for subject, _, _ in messages:
             ctx.rt.metrics.inc("nats_published", subject=subject.split(".")[0])
 

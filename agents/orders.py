@@ -25,7 +25,15 @@ from typing import Any
 
 import faust
 
-from agents.common import BadInput, Batch, Context, Out, process_batch, send_all
+from agents.common import (
+    BadInput,
+    Batch,
+    Context,
+    Out,
+    process_batch,
+    send_all,
+    until_done,
+)
 from app.models import (
     ApprovedSignal,
     CommandKind,
@@ -284,17 +292,11 @@ class OrdersAgent:
 
     async def _command(self, kind: CommandKind, order_id: str, payload: dict[str, Any], attempt: int = 0) -> None:
         cmd = OrderCommand(kind=kind, key=order_id, attempt=attempt, payload=payload, at=utcnow())
-        delay = 0.2
-        while True:
-            try:
-                await send_all(self.ctx, [(ORDERS_COMMANDS, order_id, to_json(cmd), None)])
-                if kind is not CommandKind.EXPIRE_SIGNAL:
-                    self.answered[order_id] = time.monotonic()
-                return
-            except Exception as exc:  # Kafka briefly unavailable: the answer must not be lost
-                log.warning("command %s for %s not sent (%s); retrying", kind.value, order_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        # Kafka briefly unavailable: the answer must not be lost.
+        await until_done(f"command {kind.value} for {order_id}",
+                         lambda: send_all(self.ctx, [(ORDERS_COMMANDS, order_id, to_json(cmd), None)]))
+        if kind is not CommandKind.EXPIRE_SIGNAL:
+            self.answered[order_id] = time.monotonic()
 
     async def _status(self, client: Any, order: Order) -> dict[str, Any] | None:
         try:
