@@ -9,39 +9,13 @@ from __future__ import annotations
 
 import faust
 
-from app import faust_recovery, producer_lanes
+from app import faust_patches
 from app.settings import Settings, get_settings
-
-faust_recovery.apply()  # stream partitions resumed only once sought (see the module)
-
-
-def set_fetch_max_wait(ms: int) -> None:
-    """How long a fetch of the worker's consumer may wait at the broker for records.
-
-    Faust creates its consumer with ``fetch_max_wait_ms=1500``, fixed in its aiokafka driver.
-    Kafka answers a waiting fetch as soon as records arrive, so the wait costs nothing there;
-    Tansu answers only at the end of the wait, so every Kafka hop of the pipeline cost up to
-    1.5 s (``bench/fetch_wait.py``).  The value is set on the consumer before it starts,
-    which is when aiokafka hands it to its fetcher.
-    """
-    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-
-    create = AIOKafkaConsumerThread._create_worker_consumer
-    original = getattr(create, "__wrapped__", create)
-
-    def _create_worker_consumer(self, transport):  # type: ignore[no-untyped-def]
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = ms
-        return consumer
-
-    _create_worker_consumer.__wrapped__ = original  # type: ignore[attr-defined]
-    AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None) -> faust.App:
-    producer_lanes.install()
     s = settings or get_settings()
-    set_fetch_max_wait(s.effective("consumer_fetch_max_wait_ms"))
+    faust_patches.install(s)
     s.data_dir.mkdir(parents=True, exist_ok=True)
     extra: dict = {}
     if s.consumer_group_instance_id:

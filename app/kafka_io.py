@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.protocol.fetch import FetchRequest
 
 from app.settings import Settings
 
@@ -19,6 +21,42 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: dict[str, bytes]
+
+
+async def end_offsets(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], settings: Settings | None = None, *, check: bool | None = None
+) -> dict[TopicPartition, int]:
+    """The offset after each partition's last record (its high watermark).
+
+    Tansu 0.6 answers ListOffsets (what ``consumer.end_offsets`` asks) with the base offset
+    of the partition's last record batch plus one, so when that batch holds several records
+    the answer is short by all but one of them; its Fetch responses carry the right high
+    watermark.  With ``broker_end_offsets_check`` (the local profile) each non-empty
+    partition is fetched once from the offset before the reported end (a record that always
+    exists) and the larger of the two answers is kept: one small request per broker.  This
+    is what lets the local profile batch records like production does (``producer_max_batch_size``).
+    """
+    ends = dict(await consumer.end_offsets(tps))
+    if check is None:
+        check = bool(settings is not None and settings.effective("broker_end_offsets_check"))
+    if not check:
+        return ends
+    client = consumer._client
+    by_node: dict[int, dict[str, list[tuple[int, int, int]]]] = defaultdict(lambda: defaultdict(list))
+    for tp, end in ends.items():
+        node = client.cluster.leader_for_partition(tp)
+        if end > 0 and node is not None and node >= 0:
+            by_node[node][tp.topic].append((tp.partition, end - 1, 1))
+    for node, topics in by_node.items():
+        # Tansu answers a fetch with max_wait 0 with no partitions at all, hence 1 ms; the
+        # record at end - 1 exists, so it answers at once.
+        response = await client.send(node, FetchRequest(1, 1, 1, 0, list(topics.items())))
+        for topic, partitions in response.topics:
+            for partition, error_code, highwater, *_ in partitions:
+                tp = TopicPartition(topic, partition)
+                if error_code == 0 and tp in ends:
+                    ends[tp] = max(ends[tp], highwater)
+    return ends
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str, wait: float) -> list[TopicPartition]:
@@ -51,7 +89,7 @@ async def read_topic(
             return []
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
+        end = await end_offsets(consumer, tps, settings)
         out: list[Record] = []
         deadline = time.monotonic() + timeout
         last_new = time.monotonic()
@@ -92,7 +130,7 @@ async def topic_counts(settings: Settings, topics: list[str]) -> dict[str, int]:
             if not tps:
                 out[t] = 0
                 continue
-            end = await consumer.end_offsets(tps)
+            end = await end_offsets(consumer, tps, settings)
             beg = await consumer.beginning_offsets(tps)
             out[t] = sum(end[tp] - beg[tp] for tp in tps)
         return out

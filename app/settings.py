@@ -69,12 +69,17 @@ class Settings(BaseSettings):
     broker_session_timeout: float | None = None
     broker_rebalance_timeout: float | None = None
     broker_heartbeat_interval: float | None = None
-    #: Tansu 0.6 reports a wrong end offset (high watermark) for a partition whose last record
-    #: batch holds more than one record.  Faust reads that offset to decide when changelog
-    #: recovery is complete, stops early, and table updates are lost.  One byte per batch
-    #: forces one record per batch, which keeps Tansu's offsets right at a large throughput
-    #: cost (raw produce ~77k -> ~3.5k msg/s here).  Local profile only; benchmarks print it.
+    #: Records per produced batch, in bytes (aiokafka's ``max_batch_size``).  Tansu 0.6
+    #: reports a wrong end offset (ListOffsets) for a partition whose last record batch holds
+    #: more than one record; Faust reads that offset to decide when changelog recovery is
+    #: complete, so it stopped early and table updates were lost.  The local profile used to
+    #: force one record per batch (1 byte), which cost ~20x in produce throughput (raw
+    #: produce ~77k -> ~3.5k msg/s here); it now batches like production and corrects the
+    #: end offsets instead (``broker_end_offsets_check``).  Benchmarks print both.
     producer_max_batch_size: int | None = None
+    #: Check each end offset with a fetch (its response carries the right high watermark):
+    #: :func:`app.kafka_io.end_offsets`, also used by Faust's recovery.  Tansu only.
+    broker_end_offsets_check: bool | None = None
     #: How long a consumer fetch may wait at the broker for records (ms).  Tansu answers a
     #: waiting fetch only when the wait ends, so Faust's fixed 1500 made every Kafka hop cost
     #: up to 1.5 s (``bench/fetch_wait.py``); the local profile polls every 10 ms instead.
@@ -152,6 +157,7 @@ _TUNING = (
     "broker_rebalance_timeout",
     "broker_heartbeat_interval",
     "producer_max_batch_size",
+    "broker_end_offsets_check",
     "consumer_fetch_max_wait_ms",
 )
 
@@ -160,7 +166,8 @@ _PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
         "broker_session_timeout": 6.0,
         "broker_rebalance_timeout": 6.0,
         "broker_heartbeat_interval": 1.0,
-        "producer_max_batch_size": 1,
+        "producer_max_batch_size": 16384,
+        "broker_end_offsets_check": True,
         "consumer_fetch_max_wait_ms": 10,
     },
     # Faust's own production defaults.
@@ -169,6 +176,7 @@ _PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
         "broker_rebalance_timeout": 60.0,
         "broker_heartbeat_interval": 3.0,
         "producer_max_batch_size": 16384,
+        "broker_end_offsets_check": False,
         "consumer_fetch_max_wait_ms": 1500,
     },
 }

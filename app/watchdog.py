@@ -22,6 +22,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer
 
+from app.kafka_io import end_offsets
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Watchdog:
         if self._probe is None:
             self._probe = AIOKafkaConsumer(**self.settings.aiokafka_common(), enable_auto_commit=False)
             await self._probe.start()
-        end = await self._probe.end_offsets(tps)
+        end = await end_offsets(self._probe, tps, self.settings)
         now = time.monotonic()
         stuck: dict[Any, tuple[int | None, int]] = {}
         for tp in tps:

@@ -11,7 +11,7 @@ consumer (no group) tails a topic while a producer with the service's settings s
 ``--messages`` records at ``--rate``/s, each carrying its send time; prints p50/p99/max of
 receive minus send, and the ratio of the p50 to the smallest wait's p50 (the baseline).
 
-Prints the broker and ``producer_max_batch_size``.
+Prints the broker and its settings (``bench.common.broker_line``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.local import LocalStack, tansu_binary
+from app.local import LocalStack
 from app.settings import Settings
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
-from bench.common import percentile, run_main  # noqa: E402
+from bench.common import broker_line, percentile, run_main  # noqa: E402
 
 
 async def hop(settings: Settings, topic: str, partitions: int, wait_ms: int, n: int, rate: float) -> list[float]:
@@ -84,8 +84,7 @@ async def main(argv: list[str] | None = None) -> dict[int, list[float]]:
         await admin.close()
         for w in args.waits:
             out[w] = await hop(s, "bench.hop", args.partitions, w, args.messages, args.rate)
-        print(f"broker: Tansu ({Path(tansu_binary()).name}, {s.profile.value} profile); "
-              f"producer_max_batch_size={s.effective('producer_max_batch_size')}; partitions={args.partitions}; "
+        print(f"{broker_line(s)}; partitions={args.partitions}; "
               f"{args.messages} records at {args.rate:.0f}/s per wait")
         base = percentile(out[min(args.waits)], 50)
         print(f"  {'fetch_max_wait_ms':>17} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {f'p50 / p50 at {min(args.waits)}':>16}")

@@ -45,7 +45,7 @@ import nats
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from app.kafka_io import topic_counts
+from app.kafka_io import end_offsets, topic_counts
 from app.mt5 import contract
 from app.sample import REFERENCE, signal_dict
 from app.topics import EXECUTIONS, SIGNALS_APPROVED
@@ -240,7 +240,7 @@ async def kafka_times(settings, topic: str, keys: set[str]) -> dict[str, float]:
             tps = [TopicPartition(topic, q) for q in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
+        end = await end_offsets(consumer, tps, settings)
         remaining = {tp for tp in tps if end[tp] > 0}
         while remaining:
             for tp in list(remaining):

@@ -21,9 +21,10 @@ For each size, on a fresh local stack (Tansu + nats-server, no bridge, no simula
 4. baseline, side by side: the same worker stopped (SIGTERM) and restarted with its data dir
    kept: it should replay nothing, and the difference is the cost of the replay.
 
-Prints the broker and ``producer_max_batch_size``: the raw producer here uses the service's
-producer settings, so on Tansu's local profile the changelog is written one record per batch
-(multi-record batches make Tansu report a wrong end offset, which would cut recovery short).
+Prints the broker and its settings: the raw producer here uses the service's producer
+settings, so with ``producer_max_batch_size=1`` the changelog is written one record per
+batch; with batches of several records Tansu reports a short end offset and the replay
+relies on ``broker_end_offsets_check`` (app/kafka_io.end_offsets) to read it all.
 """
 
 from __future__ import annotations

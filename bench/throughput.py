@@ -8,8 +8,8 @@ Prints, in one run on the same Tansu broker:
   settings as the service;
 * end to end: approved signals published to NATS until every order is FILLED and its fills
   are applied (signals/s);
-* the ratio, and the setting ``producer_max_batch_size`` both ran with (Tansu's local
-  profile forces one record per batch; see app/settings.py);
+* the ratio, and the broker settings both ran with (``producer_max_batch_size``,
+  ``broker_end_offsets_check``; see app/settings.py);
 * with ``--workers 1 2``: the end-to-end figure with each number of workers (a fresh stack
   for each, the same signals, measured once every worker is healthy and the assignment
   settled), side by side with the ratio to the first.
@@ -34,7 +34,7 @@ from app.kafka_io import topic_counts
 from app.sample import REFERENCE, signal_dict
 from app.topics import EXECUTIONS, ORDERS_STATUS
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
-from bench.common import run_main  # noqa: E402
+from bench.common import broker_line, run_main  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -68,6 +68,38 @@ async def passthrough(settings, n: int, partitions: int) -> float:
     return n / elapsed
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def processes(p) -> dict[str, int | None]:
+    """The stack's processes by name: Tansu, nats-server, each service, this script."""
+    procs = {"tansu": p.stack.kafka.pid, "nats-server": p.stack.nats.pid}
+    for name, svc in p.services.running.items():
+        procs[name] = svc.proc.pid if svc.proc else None
+    procs["bench (publisher, reader)"] = os.getpid()
+    return procs
+
+
+def cpu_report(before: dict[str, float], after: dict[str, float], n: int, wall: float) -> list[str]:
+    """CPU per signal by process, and the rate those costs allow on this machine's cores."""
+    used = {k: after[k] - before.get(k, 0.0) for k in after}
+    total = sum(used.values())
+    cores = os.cpu_count() or 1
+    lines = [f"CPU per signal during the end-to-end run ({wall:.1f} s wall, {total / wall:.2f} of {cores} cores busy):"]
+    for name, sec in sorted(used.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {name:28s} {1000 * sec / n:7.2f} ms/signal  ({sec / wall:.2f} cores)")
+    if total > 0:
+        lines.append(f"  {'all':28s} {1000 * total / n:7.2f} ms/signal -> at most {cores * n / total:.0f} signals/s "
+                     f"on {cores} cores with every core busy")
+    return lines
+
+
 async def end_to_end(p, n: int, partitions: int) -> tuple[float, float]:
     from tables.idempotency import order_id_for
 
@@ -76,6 +108,8 @@ async def end_to_end(p, n: int, partitions: int) -> tuple[float, float]:
     rng = random.Random(1)
     signals = [signal_dict(f"bench-{i}", rng, order_type="market", lots=0.1) for i in range(n)]
     ids = {order_id_for(s["signal_id"], partitions) for s in signals}
+    procs = processes(p)
+    cpu_before = {k: cpu_seconds(v) for k, v in procs.items()}
     start = time.perf_counter()
     await p.publish_signals(signals)
     published = time.perf_counter() - start
@@ -85,6 +119,7 @@ async def end_to_end(p, n: int, partitions: int) -> tuple[float, float]:
             break
         await asyncio.sleep(0.2)
     elapsed = time.perf_counter() - start
+    p.cpu = cpu_report(cpu_before, {k: cpu_seconds(v) for k, v in procs.items()}, n, elapsed)
     orders = await p.orders()
     assert sum(1 for i in ids if orders[i].state.value == "FILLED") == n
     return n / elapsed, n / published
@@ -122,7 +157,7 @@ async def wait_settled(p, timeout: float = 120.0) -> float:
     raise TimeoutError(f"workers not settled after {timeout}s: {last}")
 
 
-async def run_workers(args, workers: int, with_passthrough: bool) -> tuple[float | None, float, float, object]:
+async def run_workers(args, workers: int, with_passthrough: bool) -> tuple[float | None, float, float, object, list[str]]:
     """A fresh stack with ``workers`` workers: (pass-through msg/s or None, end-to-end, publisher)."""
     from pipeline import Pipeline
 
@@ -139,7 +174,7 @@ async def run_workers(args, workers: int, with_passthrough: bool) -> tuple[float
                   f"during the run (a restart stops that worker for its startup and recovery); logs in {p.workdir}",
                   flush=True)
         clean = not restarts
-        return raw, e2e, pub, p.settings
+        return raw, e2e, pub, p.settings, p.cpu
     finally:
         p.stop()
         if clean:  # kept after restarts or a failure: the logs say why
@@ -156,16 +191,18 @@ async def main(argv: list[str] | None = None) -> dict:
     runs: dict[int, tuple[float, float]] = {}
     raw = None
     for i, w in enumerate(args.workers):
-        r, e2e, pub, s = await run_workers(args, w, with_passthrough=i == 0)
+        r, e2e, pub, s, cpu = await run_workers(args, w, with_passthrough=i == 0)
         runs[w] = (e2e, pub)
         if i == 0:
             raw = r
-            print(f"broker: Tansu (local profile); producer_max_batch_size={s.effective('producer_max_batch_size')}; "
-                  f"partitions={args.partitions}; signals={args.signals}")
+            print(f"{broker_line(s)}; partitions={args.partitions}; signals={args.signals}")
             print(f"raw aiokafka consume->produce pass-through: {raw:10.0f} msg/s")
             print(f"end to end NATS -> FILLED order + position:  {e2e:10.0f} signals/s (publisher alone: {pub:.0f}/s)"
                   + ("" if w == 1 else f" [{w} workers]"))
             print(f"ratio end-to-end / pass-through: {e2e / raw:.2f}", flush=True)
+        if i > 0:
+            print(f"[{w} workers] end to end {e2e:.0f} signals/s")
+        print("\n".join(cpu), flush=True)
     if len(runs) > 1:
         first = args.workers[0]
         print(f"scale-out (a fresh stack per worker count, {args.signals} signals each; "

@@ -13,7 +13,7 @@ import nats
 import orjson
 
 from app import hub
-from app.kafka_io import read_topic
+from app.kafka_io import end_offsets, read_topic
 from app.local import LocalStack, Services
 from app.models import Execution, Order, OrderEvent, Position
 from app.mt5 import contract
@@ -179,7 +179,7 @@ class Pipeline:
         await c.start()
         try:
             tps = [TopicPartition(t, p) for t in (SIGNALS_APPROVED, ORDERS_COMMANDS, FILLS) for p in range(self.partitions)]
-            end = await c.end_offsets(tps)
+            end = await end_offsets(c, tps, self.settings)
             for tp in tps:
                 print(f"probe: {tp.topic}[{tp.partition}] committed {await c.committed(tp)} end {end[tp]}")
         finally:

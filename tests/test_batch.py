@@ -10,7 +10,7 @@ from faust.streams import current_event
 from faust.transport.producer import ProducerBuffer
 
 from agents.common import BadInput, Batch, process_batch
-from app import producer_lanes
+from app import faust_patches
 
 
 class Table(dict):
@@ -153,7 +153,7 @@ async def test_events_from_before_a_rebalance_are_neither_handled_nor_acknowledg
 
 
 async def test_producer_lanes_keep_partition_order_and_do_not_block_each_other():
-    producer_lanes.install()
+    faust_patches._install_lanes()
     buf = ProducerBuffer()
     buf.app = SimpleNamespace(conf=SimpleNamespace(producer_threaded=False))
     gate = asyncio.Event()

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 PARTITIONS = 4
 #: 1,000 by default, so the whole suite stays under 10 minutes on 2 cores; the issue's 5,000 runs
 #: with EXECUTION_CHAOS_SIGNALS=5000 (passed on 2026-11-27 in 414 s, five SIGKILLs; before the
-#: recovery fix in app/faust_recovery.py and the end-offset reads in app/kafka_io.py it failed).
+#: recovery fix in app/faust_patches.py (1) and the end-offset reads in app/kafka_io.py it failed).
 SIGNALS = int(os.environ.get("EXECUTION_CHAOS_SIGNALS", "1000"))
 KILLS = 5
 #: Signals of the bridge / NATS / ClickHouse run.

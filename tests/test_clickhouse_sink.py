@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from app.kafka_io import end_offsets
 from app.models import Execution, Order, OrderState, OrderType, Position, Side, to_json
 from app.settings import Settings
 from app.sinks.clickhouse import ClickHouseStore
@@ -83,7 +84,7 @@ async def committed_vs_end(settings: Settings, group_id: str) -> tuple[dict, dic
     try:
         await c._client.force_metadata_update()
         tps = [TopicPartition(t, p) for t in SOURCES for p in sorted(c.partitions_for_topic(t) or ())]
-        ends = await c.end_offsets(tps)
+        ends = await end_offsets(c, tps, settings)
         committed = {tp: (await c.committed(tp)) or 0 for tp in tps}
         return committed, ends
     finally:

@@ -41,6 +41,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from pydantic import BaseModel
 
+from app.kafka_io import end_offsets
 from app.models import DecodeError, Execution, Order, Position, from_json
 from app.settings import Settings
 from app.sinks.clickhouse import TABLES_BY_NAME, ClickHouseStore, to_row
@@ -249,7 +250,7 @@ class ClickHouseSink:
             if assigned and not self._offsets:
                 try:
                     tps = sorted(assigned)
-                    ends = await consumer.end_offsets(tps)
+                    ends = await end_offsets(consumer, tps, self.settings)
                     missing = [tp for tp in tps if tp not in beginnings]
                     if missing:
                         beginnings.update(await consumer.beginning_offsets(missing))

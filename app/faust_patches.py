@@ -1,0 +1,211 @@
+"""Where this service changes Faust's (and aiokafka's) behaviour, all in one place.
+
+:func:`install` applies every change (idempotent); :func:`app.faust_app.create_app` calls it.
+Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has a test:
+
+1. **Recovery seeks before it resumes** (``Recovery``): a restarted worker fetched stream
+   records past its committed offsets and committed over records nobody processed.
+2. **Producer lanes** (``ProducerBuffer``): one drain lane per topic partition instead of one
+   queue for all, so a table write waiting for its partition no longer blocks the others.
+3. **Consumer fetch wait** (``consumer_fetch_max_wait_ms``): Faust fixes 1,500 ms; Tansu
+   answers a waiting fetch only when the wait ends, so every hop cost up to 1.5 s there.
+4. **End offsets checked by a fetch** (``broker_end_offsets_check``): Tansu 0.6 reports a
+   short end offset when the last batch holds several records, and Faust's recovery stops
+   at it (:func:`app.kafka_io.end_offsets`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import faust
+from faust.tables.recovery import Recovery
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.transport.producer import ProducerBuffer
+from mode import Service
+
+from app.kafka_io import end_offsets
+from app.settings import Settings
+
+__all__ = ["install"]
+
+log = logging.getLogger(__name__)
+
+
+def install(settings: Settings) -> None:
+    """Apply every change below; the two broker-dependent ones follow ``settings``."""
+    if not faust.__version__.startswith("0.15."):
+        raise RuntimeError(f"app.faust_patches is written against Faust 0.15, not {faust.__version__}: review it")
+    Recovery._resume_streams = _resume_streams  # type: ignore[method-assign]
+    Recovery.on_recovery_completed = _on_recovery_completed  # type: ignore[method-assign]
+    _install_lanes()
+    _set_consumer(
+        fetch_max_wait_ms=settings.effective("consumer_fetch_max_wait_ms"),
+        check_end_offsets=bool(settings.effective("broker_end_offsets_check")),
+    )
+
+
+# --- 1. recovery ------------------------------------------------------------------------
+# After a rebalance Faust recovers the tables, then (``Recovery.on_recovery_completed``, or
+# ``Recovery._resume_streams`` when nothing needed recovering) resumes the stream (non-changelog)
+# partitions, **then** seeks them to their committed offsets and resumes the flow.  A worker
+# whose tables needed recovery (a restart with its volume, e.g. after SIGKILL) is already
+# fetching changelogs at that point, so between the resume and the seek it fetches stream
+# records from wherever its position was; they reach the agents' queues or are raced against
+# the still-suspended flow, the queues are cleared when the flow resumes, and the first record
+# read after the seek can lie beyond the committed offset.  Faust takes the skipped offsets
+# for a gap, counts them as acknowledged and commits past them: those records are never
+# processed.  Seen in the worker chaos test (``tests/test_chaos.py``) as signals with no order
+# and no event, their offsets committed; instrumented, the restarted worker handled the record
+# at the committed offset, logged a gap over the next ones and went on after them.
+#
+# Here the partitions are sought while still paused, the flow is resumed, and only then are
+# they resumed, so the first records fetched are those at the committed offsets.  Everything
+# else is Faust's code unchanged.
+
+
+async def _start_streams(self: Recovery, assignment: set, standbys_ready: bool) -> None:
+    """Seek the paused stream partitions, resume the flow, then resume them and fetch."""
+    app: Any = self.app
+    consumer = app.consumer
+    streams = {tp for tp in assignment if not self._is_changelog_tp(tp)}
+    if assignment:
+        self.log.info("Seek stream partitions to committed offsets (still paused).")
+        await self._wait(consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
+    self.completed.set()
+    self.log.info("Resuming flow...")
+    app.flow_control.resume()
+    consumer.resume_flow()
+    if streams:
+        consumer.resume_partitions(streams)
+    await app._fetcher.maybe_start()
+    self.tables.on_actives_ready()
+    if standbys_ready:
+        self.tables.on_standbys_ready()
+    app.on_rebalance_end()
+    self.log.info("Worker ready")
+
+
+async def _resume_streams(self: Recovery, generation_id: int = 0) -> None:
+    app: Any = self.app
+    await app.on_rebalance_complete.send()
+    assignment = app.consumer.assignment()
+    if app.consumer_generation_id != generation_id:
+        self.log.warning("Recovery rebalancing again")
+        return
+    if not assignment:
+        self.log.info("Resuming streams with empty assignment")
+    await _start_streams(self, assignment, standbys_ready=True)
+
+
+async def _on_recovery_completed(self: Recovery, generation_id: int = 0) -> None:
+    app: Any = self.app
+    self.log.info("Restore complete!")
+    await app.on_rebalance_complete.send()
+    self._set_recovery_ended()
+    callbacks = [
+        asyncio.ensure_future(table.on_recovery_completed(self.actives_for_table[table], self.standbys_for_table[table]))
+        for table in self.tables.values()
+    ]
+    if callbacks:
+        await asyncio.wait(callbacks)
+    assignment = app.consumer.assignment()
+    if app.consumer_generation_id != generation_id:
+        self.log.warning(f"Recovery rebalancing again app id {app.consumer_generation_id} param {generation_id}")
+        return
+    await _start_streams(self, assignment, standbys_ready=not app.assignor.assigned_standbys())
+
+
+# --- 2. producer lanes ------------------------------------------------------------------
+# Table writes reach Kafka through Faust's ``ProducerBuffer``: a queue drained by one task
+# that hands the records to aiokafka one at a time.  aiokafka holds one open batch per
+# partition; when that batch is full, the next record for the partition waits until the
+# batch has left in a produce request.  Meanwhile every other partition's writes wait
+# behind it in the one queue.  With ``producer_max_batch_size=1`` (one record per batch,
+# the local profile's old Tansu workaround) that was every write: table writes ran at
+# about one record per round trip.  With 16 KiB batches it happens when a batch fills.
+#
+# Here the single drain task becomes a dispatcher: each record goes to the lane of its topic
+# partition, each lane hands its records over in order (the order within a partition is
+# kept), and the lanes run side by side, so one produce request carries a record for every
+# partition that has one.  :attr:`ProducerBuffer.size` counts the records still in lanes,
+# so ``flush()`` (which Faust awaits before committing offsets) still waits for all of them.
+
+_original_size = ProducerBuffer.size
+
+
+async def _handle_pending(self: ProducerBuffer) -> None:
+    lanes: dict[tuple[int, Any], deque] = {}
+    self._lane_backlog = 0  # type: ignore[attr-defined]
+
+    async def drain(key: tuple[int, Any], lane: deque) -> None:
+        try:
+            while lane:
+                await self._send_pending(lane[0])
+                lane.popleft()
+                self._lane_backlog -= 1  # type: ignore[attr-defined]
+                self.message_sent.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # as in Faust: a record that cannot be produced crashes the producer
+            log.exception("producer lane %s failed", key)
+            await self.crash(exc)
+        finally:
+            if lanes.get(key) is lane:
+                del lanes[key]
+
+    while not self.should_stop:
+        fut = await self.pending.get()
+        self._lane_backlog += 1  # type: ignore[attr-defined]
+        msg = fut.message
+        key = (id(msg.channel), msg.partition)
+        lane = lanes.get(key)
+        if lane is None:
+            lanes[key] = lane = deque((fut,))
+            asyncio.ensure_future(drain(key, lane))
+        else:
+            lane.append(fut)
+
+
+def _size(self: ProducerBuffer) -> int:
+    return _original_size.fget(self) + getattr(self, "_lane_backlog", 0)
+
+
+def _install_lanes() -> None:
+    if getattr(ProducerBuffer, "_execution_lanes", False):
+        return
+    # mode collects ``@Service.task`` methods at class creation by name and looks them up
+    # with ``getattr`` when the service starts, so a new ServiceTask under the same name
+    # replaces what runs.
+    ProducerBuffer._handle_pending = Service.task(_handle_pending)  # type: ignore[method-assign]
+    ProducerBuffer.size = property(_size)  # type: ignore[method-assign, assignment]
+    ProducerBuffer._execution_lanes = True  # type: ignore[attr-defined]
+
+
+# --- 3 and 4. the worker's consumer: fetch wait, end offsets ------------------------------
+_create_consumer = AIOKafkaConsumerThread._create_worker_consumer
+
+
+def _set_consumer(fetch_max_wait_ms: int, check_end_offsets: bool) -> None:
+    """Faust creates its consumer with ``fetch_max_wait_ms=1500``, fixed in its aiokafka
+    driver; the value is set on the consumer before it starts, which is when aiokafka hands
+    it to its fetcher.  Faust's recovery reads the changelogs' end offsets through
+    ``_highwaters``; with the check on it gets them from :func:`app.kafka_io.end_offsets`."""
+
+    def _create_worker_consumer(self: AIOKafkaConsumerThread, transport: Any) -> Any:
+        consumer = _create_consumer(self, transport)
+        consumer._fetch_max_wait_ms = fetch_max_wait_ms
+        return consumer
+
+    async def _highwaters(self: AIOKafkaConsumerThread, partitions: list) -> Mapping:
+        consumer = self._ensure_consumer()
+        if self.consumer.in_transaction:
+            return {tp: consumer.last_stable_offset(tp) for tp in partitions}
+        return await end_offsets(consumer, list(partitions), check=check_end_offsets)
+
+    AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
+    AIOKafkaConsumerThread._highwaters = _highwaters  # type: ignore[method-assign]
