@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import faust
@@ -305,6 +305,20 @@ class OrdersAgent:
             return None
         return status.model_dump(mode="json")
 
+    async def _status_until_answered(self, client: Any, order: Order) -> dict[str, Any] | None:
+        """Ask about an order whose submission got no answer, again while the connector does
+        not answer either (NATS restarting, the connector away), for up to the stuck-order
+        timeout: only the broker's answer tells a lost order (resend it) from a live one, and
+        giving up early would leave an order the broker never saw to fail as stuck."""
+        deadline = time.monotonic() + self.rt.config.submission.stuck_order_timeout_seconds
+        delay = 0.2
+        while True:
+            status = await self._status(client, order)
+            if status is not None or time.monotonic() + delay >= deadline:
+                return status
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
     async def _submit(self, order: Order, resume: bool) -> None:
         """Send the order, resending only when the broker says it never saw it."""
         client = await self.rt.mt5()
@@ -336,7 +350,7 @@ class OrdersAgent:
                 payload, outcome = {"no_reply": True}, Outcome.UNKNOWN
             if outcome is Outcome.UNKNOWN:
                 # Unknown outcome: the broker may have the order.  Ask, never blindly resend.
-                status = await self._status(client, order)
+                status = await self._status_until_answered(client, order)
                 if status is not None and status.get("known"):
                     await self._command(CommandKind.BROKER_STATUS, order.order_id, status, attempt)
                     return
@@ -359,8 +373,11 @@ class OrdersAgent:
         now = utcnow()
         pending_grace = timedelta(seconds=sub.reply_timeout_seconds * (sub.submit_retries + 2) + 1)
         stuck_after = timedelta(seconds=sub.stuck_order_timeout_seconds)
-        for key in list(self.t.open_orders.keys()):
+        youngest_due = min(pending_grace, stuck_after)
+        for key, opened in list(self.t.open_orders.items()):
             order_id = key.decode() if isinstance(key, bytes) else key
+            if _opened_within(opened, now, youngest_due):
+                continue  # updated no earlier than opened: too young for either check (no order read)
             order: Order | None = self.t.orders.get(order_id)
             if order is None or order.state.is_final:
                 continue
@@ -397,6 +414,14 @@ class OrdersAgent:
             items.append((key.decode() if isinstance(key, bytes) else key, seen))
         for signal_id in expired_keys(items, now, window):
             await self._command(CommandKind.EXPIRE_SIGNAL, signal_id, {})
+
+
+def _opened_within(opened: Any, now: datetime, span: timedelta) -> bool:
+    """True when an ``open_orders`` value (when the order opened) is less than ``span`` ago."""
+    try:
+        return now - datetime.fromisoformat(opened.decode() if isinstance(opened, bytes) else opened) < span
+    except (TypeError, ValueError, AttributeError):
+        return False  # unreadable: read the order instead
 
 
 def register(ctx: Context) -> OrdersAgent:

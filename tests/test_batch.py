@@ -180,3 +180,16 @@ async def test_producer_lanes_keep_partition_order_and_do_not_block_each_other()
         assert [n for p, n in handed if p == 0] == [0, 2, 4], "order within a partition kept"
     finally:
         await buf.stop()
+
+
+def test_open_orders_younger_than_the_checks_are_skipped_without_reading_the_order():
+    from datetime import datetime, timedelta, timezone
+
+    from agents.orders import _opened_within
+
+    now = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+    span = timedelta(seconds=10)
+    assert _opened_within((now - timedelta(seconds=3)).isoformat().encode(), now, span)
+    assert not _opened_within((now - timedelta(seconds=11)).isoformat().encode(), now, span)
+    assert not _opened_within(b"not a time", now, span)  # unreadable: the order is read instead
+    assert not _opened_within(None, now, span)

@@ -197,6 +197,24 @@ async def test_disabled_order_type_is_rejected_after_a_hot_config_change(pipe: P
         await asyncio.sleep(1.0)
 
 
+async def test_a_lost_submission_is_asked_about_until_the_connector_answers_then_resent(pipe: Pipeline):
+    """NATS restarting or the connector away: the submission and the first status queries get
+    no answer.  The order is asked about until the broker answers that it never saw it, then
+    resent once; it does not fail as stuck for an outage (what the edge chaos test hit)."""
+    rng = random.Random(11)
+    await pipe.sim(cmd="drop_unprocessed", count=1)
+    await pipe.sim(cmd="drop_status", count=2)
+    await pipe.publish_signals([signal_dict("lost-then-asked", rng, symbol="USDCHF", order_type="market")])
+    lost = oid("lost-then-asked")
+    o = (await pipe.wait_orders([lost], timeout=60))[lost]
+    stats = await pipe.sim_stats()
+    await pipe.sim(cmd="reset_faults")
+    assert o.state is OrderState.FILLED, (o.state, o.reason)
+    assert stats["by_comment"][lost] == 2 and stats["executed"][lost] == 1  # the lost one and one resend
+    assert stats["dropped_unprocessed"] >= 1 and stats["other"]["dropped_status"] == 2
+    assert types_of((await pipe.events())[lost]) == ["created", "submitted", "filled"]
+
+
 async def test_stuck_orders_end_in_the_brokers_state_or_failed_timeout(pipe: Pipeline):
     rng = random.Random(7)
     # The broker executes the order but its replies are lost: the broker's state wins.

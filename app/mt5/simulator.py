@@ -206,6 +206,7 @@ class Faults:
     reject_next: list[tuple[int, bool]] = field(default_factory=list)  # (retcode, execute)
     drop_replies: int = 0
     drop_unprocessed: int = 0
+    drop_status: int = 0
 
 
 class Reject(Exception):
@@ -851,8 +852,13 @@ class BrokerSimulator:
             return rejection.status()
         return OrderStatus(known=False, magic=q.magic, comment=q.comment, account=q.account)
 
-    def _on_status(self, data: bytes) -> bytes:
+    def _on_status(self, data: bytes) -> bytes | None:
         self.stats["status_requests"] += 1
+        if self.faults.drop_status > 0:
+            self.faults.drop_status -= 1
+            self.stats["dropped_status"] += 1
+            log.info("drop_status: status query unanswered")
+            return None
         try:
             q = StatusQuery.model_validate_json(data)
         except ValidationError as exc:
@@ -968,6 +974,9 @@ class BrokerSimulator:
         if name == "drop_unprocessed":
             self.faults.drop_unprocessed += int(cmd.get("count", 1))
             return {"pending": self.faults.drop_unprocessed}
+        if name == "drop_status":
+            self.faults.drop_status += int(cmd.get("count", 1))
+            return {"pending": self.faults.drop_status}
         if name == "reset_faults":
             self.faults = Faults()
             return {}
