@@ -6,7 +6,8 @@ carries a ``Nats-Msg-Id`` derived from the record, so a replay is dropped by Jet
 duplicate window instead of reaching subscribers twice.
 
 * ``orders.status``            → ``orders.{state}.{symbol}`` (state lower-case), the Order JSON
-* ``order_execution_archive``  → ``alerts.execution.slippage`` for slippage alerts
+* ``alerts.execution.slippage`` → the same subject: slippage alerts (the orders agent writes
+  them there beside the archive, so this agent does not read every lifecycle event)
 * ``positions.discrepancies``  → ``alerts.execution.reconciliation``
 * ``fills.dlq``                → ``alerts.execution.fills`` (a fill for an unknown order, a bad fill)
 """
@@ -23,18 +24,17 @@ from agents.common import Batch, Context, dead_letter, until_done
 from app.bridge import ensure_stream
 from app.topics import (
     FILLS_DLQ,
-    ORDER_EXECUTION_ARCHIVE,
     ORDERS_STATUS,
     POSITIONS_DISCREPANCIES,
     SINK_DLQ,
+    SLIPPAGE_ALERTS,
 )
 
 log = logging.getLogger(__name__)
 
-INPUTS = (ORDERS_STATUS, ORDER_EXECUTION_ARCHIVE, POSITIONS_DISCREPANCIES, FILLS_DLQ)
+INPUTS = (ORDERS_STATUS, SLIPPAGE_ALERTS, POSITIONS_DISCREPANCIES, FILLS_DLQ)
 ORDERS_STREAM = ("ORDERS", ["orders.>"])
 ALERTS_STREAM = ("EXECUTION_ALERTS", ["alerts.execution.>"])
-SLIPPAGE_ALERTS = "alerts.execution.slippage"
 RECONCILIATION_ALERTS = "alerts.execution.reconciliation"
 FILL_ALERTS = "alerts.execution.fills"
 
@@ -48,13 +48,8 @@ def nats_message(topic: str, raw: bytes, headers: dict[str, bytes], where: str) 
     if topic == ORDERS_STATUS:
         order = orjson.loads(raw)
         return status_subject(order["state"], order["symbol"]), raw, f"{order['order_id']}:{order['version']}"
-    if topic == ORDER_EXECUTION_ARCHIVE:
-        if b'"slippage_alert"' not in raw:
-            return None
-        event = orjson.loads(raw)
-        if event.get("type") != "slippage_alert":
-            return None
-        return SLIPPAGE_ALERTS, raw, event["event_id"]
+    if topic == SLIPPAGE_ALERTS:
+        return SLIPPAGE_ALERTS, raw, orjson.loads(raw)["event_id"]
     if topic == POSITIONS_DISCREPANCIES:
         d = orjson.loads(raw)
         return RECONCILIATION_ALERTS, raw, f"{d['account']}:{d['symbol']}:{d['detected_at']}"

@@ -54,6 +54,7 @@ from app.topics import (
     FILLS,
     FILLS_DLQ,
     ORDER_EXECUTION_ARCHIVE,
+    SLIPPAGE_ALERTS,
     ORDERS_COMMANDS,
     ORDERS_STATUS,
     SIGNALS_APPROVED,
@@ -208,7 +209,9 @@ class OrdersAgent:
                         "expected_price": order.expected_price},
                 discriminator=f"deal-{fill.deal}",
             )
-            outputs.append((ORDER_EXECUTION_ARCHIVE, order.order_id, to_json(alert), None))
+            alert_json = to_json(alert)
+            outputs += [(ORDER_EXECUTION_ARCHIVE, order.order_id, alert_json, None),
+                        (SLIPPAGE_ALERTS, order.order_id, alert_json, None)]
         b.emit(*outputs)
         b.put(self.t.orders, order.order_id, new_order)
         self.rt.metrics.inc("fills", symbol=order.symbol)

@@ -32,6 +32,9 @@ ORDERS_STATUS = "orders.status"  # each state change: the Order snapshot, key: o
 EXECUTIONS = "executions"  # each applied fill, key: "{account}:{symbol}" (feeds positions)
 POSITIONS = "positions"  # each position update, key: "{account}:{symbol}"
 POSITIONS_DISCREPANCIES = "positions.discrepancies"
+#: Slippage alerts (also in the archive), key: order_id.  Named after the NATS subject it feeds:
+#: the notifier reads these instead of the whole archive.
+SLIPPAGE_ALERTS = "alerts.execution.slippage"
 EXECUTIONS_DLQ = "executions.dlq"  # executions/discrepancies the positions agent cannot apply
 SINK_DLQ = "sink.dlq"
 
@@ -73,6 +76,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(EXECUTIONS),
     TopicSpec(POSITIONS),
     TopicSpec(POSITIONS_DISCREPANCIES),
+    TopicSpec(SLIPPAGE_ALERTS),
     TopicSpec(EXECUTIONS_DLQ),
     TopicSpec(SINK_DLQ),
 )

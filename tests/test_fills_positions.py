@@ -14,7 +14,7 @@ import pytest
 from app.kafka_io import read_topic
 from app.models import OrderState
 from app.sample import REFERENCE, signal_dict
-from app.topics import FILLS_DLQ, ORDER_EXECUTION_ARCHIVE, POSITIONS_DISCREPANCIES
+from app.topics import FILLS_DLQ, ORDER_EXECUTION_ARCHIVE, POSITIONS_DISCREPANCIES, SLIPPAGE_ALERTS
 from app.sinks.clickhouse import ClickHouseStore
 from app.sinks.kafka_clickhouse import ClickHouseSink
 from pipeline import TEST_CONFIG, Pipeline
@@ -146,10 +146,14 @@ async def test_duplicate_out_of_order_and_unknown_fills(pipe: Pipeline):
     dlq = await read_topic(pipe.settings, FILLS_DLQ, idle=0.5)
     assert any(b"unknown order" in r.headers["reason"] and b"Onosuchorder" in r.value for r in dlq)
     archive = [orjson.loads(r.value) for r in await read_topic(pipe.settings, ORDER_EXECUTION_ARCHIVE, idle=0.3)]
-    assert any(e["type"] == "slippage_alert" and e["order_id"] == i for e in archive)
+    [alert] = [e for e in archive if e["type"] == "slippage_alert" and e["order_id"] == i]
+    # the same record on its own topic, which the notifier reads instead of the whole archive
+    alerts = [orjson.loads(r.value) for r in await read_topic(pipe.settings, SLIPPAGE_ALERTS, idle=0.3)]
+    assert alert in alerts and all(a["type"] == "slippage_alert" for a in alerts)
     await asyncio.sleep(1)
-    subjects = {s for s, _ in await pipe.nats_messages("alerts.execution.>", stream="EXECUTION_ALERTS")}
-    assert {"alerts.execution.slippage", "alerts.execution.fills"} <= subjects
+    published = await pipe.nats_messages("alerts.execution.>", stream="EXECUTION_ALERTS")
+    assert {"alerts.execution.slippage", "alerts.execution.fills"} <= {s for s, _ in published}
+    assert any(s == "alerts.execution.slippage" and orjson.loads(d)["event_id"] == alert["event_id"] for s, d in published)
 
 
 async def test_reconciliation_finds_an_injected_discrepancy_and_corrects_it(pipe: Pipeline):
