@@ -11,6 +11,7 @@ import faust
 
 from app import faust_patches
 from app.settings import Settings, get_settings
+from tables.idempotency import KeyPartitioner
 
 
 def create_app(settings: Settings | None = None) -> faust.App:
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
         broker_rebalance_timeout=s.effective("broker_rebalance_timeout"),
         broker_heartbeat_interval=s.effective("broker_heartbeat_interval"),
         producer_max_batch_size=s.effective("producer_max_batch_size"),
+        producer_partitioner=KeyPartitioner(),
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         key_serializer="raw",

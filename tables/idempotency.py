@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
-from aiokafka.partitioner import murmur2
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 from pydantic import field_validator
 
 from app.models import Model, from_json, to_json
@@ -44,13 +44,33 @@ def _key_bytes(key: str | bytes) -> bytes:
     return key if isinstance(key, bytes) else key.encode("utf-8")
 
 
+@lru_cache(maxsize=131_072)
+def key_hash(key: bytes) -> int:
+    """Kafka's default partitioner hash of a key, ``murmur2(key) & 0x7fffffff``, remembered:
+    aiokafka's murmur2 is pure Python, and an order id is hashed for every record keyed by it
+    (status, archive, commands, three changelogs)."""
+    return murmur2(key) & 0x7FFFFFFF
+
+
+class KeyPartitioner:
+    """aiokafka's ``DefaultPartitioner`` (same partitions for the same keys, random for no key)
+    with the key hash remembered: the producers' ``partitioner``."""
+
+    _default = DefaultPartitioner()
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return self._default(key, all_partitions, available)
+        return all_partitions[key_hash(key) % len(all_partitions)]
+
+
 def partition_for(key: str | bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner gives ``key`` among ``partitions``:
     ``(murmur2(key) & 0x7fffffff) % partitions``, as ``aiokafka.partitioner.DefaultPartitioner``
     computes it for a producer (string keys are UTF-8 encoded, as with a raw key serializer)."""
     if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
         raise ValueError(f"partitions must be a positive integer, got {partitions!r}")
-    return (murmur2(_key_bytes(key)) & 0x7FFFFFFF) % partitions
+    return key_hash(_key_bytes(key)) % partitions
 
 
 def _candidate(signal_id: str, n: int) -> str:

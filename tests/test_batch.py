@@ -29,12 +29,14 @@ class Table(dict):
         return super().pop(key, default)
 
 
-class Topic:
-    def __init__(self, log: list) -> None:
-        self.log = log
+class Producer:
+    """Faust's producer as the batch uses it: ``send`` returns the future of the broker's ack."""
 
-    async def send(self, key, value, headers, force):
-        self.log.append((key, value, headers))
+    def __init__(self, sent: dict[str, list]) -> None:
+        self.sent = sent
+
+    async def send(self, topic, key, value, partition, timestamp, headers):
+        self.sent.setdefault(topic, []).append((key, value, dict(headers) if headers else None))
         fut = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
@@ -52,14 +54,8 @@ def event(topic: str, value: bytes, offset: int) -> Event:
 
 
 def context(sent: dict[str, list]) -> SimpleNamespace:
-    class Topics(dict):
-        def __missing__(self, name):
-            sent[name] = []
-            self[name] = Topic(sent[name])
-            return self[name]
-
-    return SimpleNamespace(topic=Topics().__getitem__, rt=SimpleNamespace(metrics=SimpleNamespace(inc=lambda *a, **k: None)),
-                           app=SimpleNamespace(consumer_generation_id=1))
+    return SimpleNamespace(rt=SimpleNamespace(metrics=SimpleNamespace(inc=lambda *a, **k: None)),
+                           app=SimpleNamespace(consumer_generation_id=1, producer=Producer(sent)))
 
 
 def test_reads_see_earlier_writes_and_a_rollback_undoes_one_event():

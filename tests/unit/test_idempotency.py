@@ -188,3 +188,14 @@ def test_expired_keys():
     # consistent with is_within_window
     for key, seen in items:
         assert (key in expired_keys(items, now, 24)) is not is_within_window(seen, now, 24)
+
+
+@given(st.lists(st.binary(min_size=0, max_size=64), min_size=1, max_size=50), st.integers(1, 64))
+def test_the_producers_partitioner_is_kafkas_default(keys, n):
+    from tables.idempotency import KeyPartitioner
+
+    partitions = list(range(n))
+    ours, kafka = KeyPartitioner(), DefaultPartitioner()
+    for key in keys + keys:  # the second time from the remembered hash
+        assert ours(key, partitions, partitions) == kafka(key, partitions, partitions)
+    assert ours(None, partitions, partitions) in partitions
