@@ -118,6 +118,46 @@ async def read_topic(
         await consumer.stop()
 
 
+class TopicTail:
+    """A topic read from the beginning in steps: each :meth:`read` returns the records added
+    since the previous one, up to the end offsets seen when it starts.  For waiting on a
+    topic that grows (a test polling for its orders) without reading it all again each time.
+
+    ``async with TopicTail(settings, "orders.status") as tail: new = await tail.read()``
+    """
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings = settings
+        self.topic = topic
+        self._consumer = AIOKafkaConsumer(**settings.aiokafka_common(), enable_auto_commit=False)
+        self._tps: list[TopicPartition] = []
+
+    async def __aenter__(self) -> "TopicTail":
+        await self._consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def read(self, timeout: float = 60.0) -> list[Record]:
+        consumer = self._consumer
+        if not self._tps:
+            self._tps = await _partitions(consumer, self.topic, wait=0)
+            if not self._tps:
+                return []  # not created yet
+            consumer.assign(self._tps)
+            await consumer.seek_to_beginning(*self._tps)
+        end = await end_offsets(consumer, self._tps, self.settings)
+        out: list[Record] = []
+        deadline = time.monotonic() + timeout
+        while [tp for tp in self._tps if await consumer.position(tp) < end[tp]]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.topic}: not read to its end offsets {end} in {timeout}s")
+            for msgs in (await consumer.getmany(timeout_ms=200)).values():
+                out.extend(Record(m.topic, m.partition, m.offset, m.key, m.value, dict(m.headers or ())) for m in msgs)
+        return out
+
+
 async def topic_counts(settings: Settings, topics: list[str]) -> dict[str, int]:
     """Records per topic (end minus beginning offsets, summed over partitions)."""
     consumer = AIOKafkaConsumer(**settings.aiokafka_common(), enable_auto_commit=False)

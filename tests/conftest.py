@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +13,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from app.local import LocalStack  # noqa: E402
 from app.settings import Settings  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run stopped with SIGTERM (``timeout``, CI cancelling a job) ends like Ctrl-C: pytest
+    runs the fixtures' teardown, which stops the servers and services the tests started
+    (they run in their own sessions, so nothing else would stop them)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture

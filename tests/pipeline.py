@@ -13,7 +13,7 @@ import nats
 import orjson
 
 from app import hub
-from app.kafka_io import end_offsets, read_topic
+from app.kafka_io import TopicTail, end_offsets, read_topic
 from app.local import LocalStack, Services
 from app.models import Execution, Order, OrderEvent, Position
 from app.mt5 import contract
@@ -153,17 +153,22 @@ class Pipeline:
         """Wait until every order satisfies ``done`` (default: in a final state)."""
         done = done or (lambda o: o.state.is_final)
         deadline = time.monotonic() + timeout
-        while True:
-            orders = await self.orders()
-            missing = [i for i in order_ids if i not in orders or not done(orders[i])]
-            if not missing:
-                return orders
-            if time.monotonic() > deadline:
-                states = {i: orders[i].state.value if i in orders else None for i in missing[:10]}
-                self.dump_workers()
-                await self.probe_fetch()
-                raise TimeoutError(f"{len(missing)} orders not done after {timeout}s: {states}")
-            await asyncio.sleep(0.5)
+        orders: dict[str, Order] = {}
+        async with TopicTail(self.settings, ORDERS_STATUS) as tail:  # each poll reads only what is new
+            while True:
+                for r in await tail.read(timeout=300):
+                    o = Order.model_validate_json(r.value)
+                    if o.order_id not in orders or o.version >= orders[o.order_id].version:
+                        orders[o.order_id] = o
+                missing = [i for i in order_ids if i not in orders or not done(orders[i])]
+                if not missing:
+                    return orders
+                if time.monotonic() > deadline:
+                    states = {i: orders[i].state.value if i in orders else None for i in missing[:10]}
+                    self.dump_workers()
+                    await self.probe_fetch()
+                    raise TimeoutError(f"{len(missing)} orders not done after {timeout}s: {states}")
+                await asyncio.sleep(0.5)
 
     async def probe_fetch(self) -> None:
         """Print what a group-less consumer reads and what the worker group has committed."""

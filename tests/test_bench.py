@@ -126,6 +126,9 @@ async def test_throughput_script_with_two_workers(capsys):
     out = capsys.readouterr().out
     assert "producer_max_batch_size=16384; broker_end_offsets_check=True" in out and "pass-through" in out and "[2 workers]" in out
     assert result["passthrough"] > 0 and set(result["runs"]) == {2}
+    # CPU per signal for each process of the stack, both workers among them, and the ceiling
+    assert "CPU per signal" in out and all(f"{name} " in out for name in ("worker-1", "worker-2", "tansu", "nats-server"))
+    assert "ms/signal -> at most" in out
     e2e, pub = result["runs"][2]
     assert e2e > 0 and pub > 0  # end_to_end itself asserts every order FILLED
 
