@@ -179,6 +179,8 @@ class Pipeline:
         for topic in (SIGNALS_APPROVED, ORDERS_COMMANDS, FILLS):
             records = await read_topic(self.settings, topic, idle=0.3, timeout=5, strict=False)
             print(f"probe: {topic}: {len(records)} records readable without a group")
+            if topic == SIGNALS_APPROVED:
+                self._probe_signals_without_orders(records, await read_topic(self.settings, ORDERS_STATUS, idle=0.3, timeout=30, strict=False))
         c = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap_servers, group_id=self.settings.app_id,
                              enable_auto_commit=False)
         await c.start()
@@ -189,6 +191,28 @@ class Pipeline:
                 print(f"probe: {tp.topic}[{tp.partition}] committed {await c.committed(tp)} end {end[tp]}")
         finally:
             await c.stop()
+
+    def _probe_signals_without_orders(self, signals: list, statuses: list) -> None:
+        """Print, per partition, the offset ranges of signals.approved whose order never
+        appeared on orders.status (where a loss happened, for the worker's log)."""
+        from tables.idempotency import order_id_for
+
+        known = {r.key.decode() for r in statuses if r.key}
+        lost: dict[int, list[int]] = defaultdict(list)
+        for r in signals:
+            try:
+                signal_id = orjson.loads(r.value)["signal_id"]
+                if order_id_for(signal_id, self.partitions) not in known:
+                    lost[r.partition].append(r.offset)
+            except Exception:
+                continue  # a bad signal: no order expected
+        for partition, offsets in sorted(lost.items()):
+            ranges, start = [], offsets[0]
+            for a, b in zip(offsets, offsets[1:] + [None]):
+                if b != a + 1:
+                    ranges.append(f"{start}-{a}" if a != start else f"{a}")
+                    start = b
+            print(f"probe: signals.approved[{partition}]: {len(offsets)} without an order, offsets {', '.join(ranges[:20])}")
 
     def dump_workers(self) -> None:
         """Ask every running worker to log its asyncio tasks (SIGUSR1): for a post-mortem."""

@@ -189,3 +189,40 @@ def test_open_orders_younger_than_the_checks_are_skipped_without_reading_the_ord
     assert not _opened_within((now - timedelta(seconds=11)).isoformat().encode(), now, span)
     assert not _opened_within(b"not a time", now, span)  # unreadable: the order is read instead
     assert not _opened_within(None, now, span)
+
+
+async def test_a_skipped_range_on_an_input_topic_restarts_the_worker_instead_of_being_committed(monkeypatch):
+    """Faust counts offsets the fetch jumped over as processed; on our input topics the worker
+    exits (restart code) before anything past them is acknowledged, unless retention deleted
+    them; changelog topics (compacted) keep Faust's behaviour."""
+    from faust.types import TP
+
+    from app import faust_patches
+    from app.watchdog import EXIT_STALLED
+
+    exits: list[int] = []
+    gaps: list[tuple] = []
+
+    async def faust_gap(self, tp, a, b):
+        gaps.append((tp.topic, a, b))
+
+    monkeypatch.setattr(faust_patches, "_faust_add_gap", faust_gap)
+    monkeypatch.setattr(faust_patches.os, "_exit", exits.append)
+    monkeypatch.setattr(faust_patches.logging, "shutdown", lambda: None)
+
+    class Consumer:
+        earliest = 0
+        _read_offset: dict = {}
+        _committed_offset: dict = {}
+
+        async def earliest_offsets(self, *tps):
+            return {tp: self.earliest for tp in tps}
+
+    c = Consumer()
+    await faust_patches._add_gap(c, TP("signals.approved", 3), 159, 360)
+    assert exits == [EXIT_STALLED] and gaps == []
+    await faust_patches._add_gap(c, TP("execution-orders-changelog", 3), 10, 20)
+    assert exits == [EXIT_STALLED] and gaps == [("execution-orders-changelog", 10, 20)]
+    c.earliest = 300  # 159..299 deleted by retention: accepted, no restart loop
+    await faust_patches._add_gap(c, TP("signals.approved", 3), 159, 360)
+    assert exits == [EXIT_STALLED] and gaps[-1] == ("signals.approved", 159, 360)
