@@ -410,11 +410,16 @@ class OrdersAgent:
         await self._command(CommandKind.BROKER_STATUS, order.order_id, {**status, "stuck": True})
 
     async def expire_signals(self) -> None:
+        """Ask for the expiry of the dedupe entries past the window (through orders.commands,
+        so the agent deletes them in order with everything else).  The table holds a day of
+        signals, so the scan hands the event loop back every 1,000 entries."""
         window = self.rt.config.idempotency.check_window_hours
         now = utcnow()
         items = []
-        for key, seen in self.t.signal_orders.items():
+        for n, (key, seen) in enumerate(self.t.signal_orders.items(), 1):
             items.append((key.decode() if isinstance(key, bytes) else key, seen))
+            if n % 1000 == 0:
+                await asyncio.sleep(0)
         for signal_id in expired_keys(items, now, window):
             await self._command(CommandKind.EXPIRE_SIGNAL, signal_id, {})
 
@@ -453,7 +458,10 @@ def register(ctx: Context) -> OrdersAgent:
         if mono - last["check"] >= cfg.submission.stuck_check_interval_seconds:
             last["check"] = mono
             await worker.check_open_orders()
-        if mono - last["expire"] >= min(60.0, cfg.idempotency.check_window_hours * 3600 / 24):
+        # A twenty-fourth of the window, at most an hour: an entry lives at most 1/24 longer
+        # than the window (deduping a little longer is safe), and a day's table is scanned
+        # hourly rather than every minute.
+        if mono - last["expire"] >= min(3600.0, cfg.idempotency.check_window_hours * 3600 / 24):
             last["expire"] = mono
             await worker.expire_signals()
 
