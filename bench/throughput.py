@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.kafka_io import topic_counts
-from app.sample import REFERENCE, signal_dict
+from app.sample import signal_dict
 from app.topics import EXECUTIONS, ORDERS_STATUS
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
 from bench.common import broker_line, run_main  # noqa: E402
@@ -103,8 +103,7 @@ def cpu_report(before: dict[str, float], after: dict[str, float], n: int, wall: 
 async def end_to_end(p, n: int, partitions: int) -> tuple[float, float]:
     from tables.idempotency import order_id_for
 
-    for symbol, (mid, _) in REFERENCE.items():
-        await p.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+    await p.hold_reference_prices()
     rng = random.Random(1)
     signals = [signal_dict(f"bench-{i}", rng, order_type="market", lots=0.1) for i in range(n)]
     ids = {order_id_for(s["signal_id"], partitions) for s in signals}

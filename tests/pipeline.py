@@ -17,6 +17,7 @@ from app.kafka_io import TopicTail, end_offsets, read_topic
 from app.local import LocalStack, Services
 from app.models import Execution, Order, OrderEvent, Position
 from app.mt5 import contract
+from app.sample import REFERENCE
 from app.settings import Settings
 from app.topics import EXECUTIONS, ORDER_EXECUTION_ARCHIVE, ORDERS_STATUS, POSITIONS, ensure_topics
 from support import publish
@@ -33,6 +34,16 @@ TEST_CONFIG = {
         "position_reconciliation": {"reconcile_interval_minutes": 60},
     }
 }
+
+
+def keep_latest(latest: dict[str, Any], records: list, model: Any, key: Callable[[Any], str]) -> dict[str, Any]:
+    """Fold versioned snapshots into ``latest`` (the highest version per key wins); returns it."""
+    for r in records:
+        m = model.model_validate_json(r.value)
+        k = key(m)
+        if k not in latest or m.version >= latest[k].version:
+            latest[k] = m
+    return latest
 
 
 class Pipeline:
@@ -94,6 +105,11 @@ class Pipeline:
     async def sim(self, **cmd: Any) -> dict:
         return await self._request(contract.CONTROL, cmd)
 
+    async def hold_reference_prices(self) -> None:
+        """Hold every simulated market at its reference price (the sample signals are priced off it)."""
+        for symbol, (mid, _) in REFERENCE.items():
+            await self.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+
     async def sim_stats(self) -> dict:
         return await self._request(contract.STATS, {})
 
@@ -111,13 +127,7 @@ class Pipeline:
     # ------------------------------------------------------------------ outputs
     async def _latest(self, topic: str, model: Any, key: Callable[[Any], str]) -> dict[str, Any]:
         """The highest-version snapshot per key of a topic of versioned snapshots."""
-        latest: dict[str, Any] = {}
-        for r in await read_topic(self.settings, topic, idle=0.3, timeout=300):
-            m = model.model_validate_json(r.value)
-            k = key(m)
-            if k not in latest or m.version >= latest[k].version:
-                latest[k] = m
-        return latest
+        return keep_latest({}, await read_topic(self.settings, topic, idle=0.3, timeout=300), model, key)
 
     async def orders(self) -> dict[str, Order]:
         """The latest snapshot of every order on ``orders.status`` (highest version)."""
@@ -156,10 +166,7 @@ class Pipeline:
         orders: dict[str, Order] = {}
         async with TopicTail(self.settings, ORDERS_STATUS) as tail:  # each poll reads only what is new
             while True:
-                for r in await tail.read(timeout=300):
-                    o = Order.model_validate_json(r.value)
-                    if o.order_id not in orders or o.version >= orders[o.order_id].version:
-                        orders[o.order_id] = o
+                keep_latest(orders, await tail.read(timeout=300), Order, lambda o: o.order_id)
                 missing = [i for i in order_ids if i not in orders or not done(orders[i])]
                 if not missing:
                     return orders

@@ -54,7 +54,7 @@ from support import publish
 from app.bridge import MAX_PAYLOAD_BYTES
 from app.kafka_io import Record, read_topic
 from app.models import ApprovedSignal, DecodeError, Fill, OrderState, from_json
-from app.sample import REFERENCE, signal_dict
+from app.sample import signal_dict
 from app.topics import FILLS, FILLS_DLQ, MAX_DEAD_LETTER_BYTES, SIGNALS_DLQ
 from tables.idempotency import order_id_for
 from tables.symbols import DEFAULT_SYMBOLS
@@ -276,8 +276,7 @@ async def test_generated_bad_signals_and_fills_are_dead_lettered_beside_valid_tr
     p = Pipeline(tmp_path, partitions=PARTITIONS)
     await p.start()
     try:
-        for symbol, (mid, _) in REFERENCE.items():
-            await p.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+        await p.hold_reference_prices()
         procs = {name: svc.proc.pid for name, svc in p.services.running.items()}
 
         await asyncio.gather(publish(p.stack.nats_url, items), produce_raw(p, FILLS, kafka_items, rate=500))

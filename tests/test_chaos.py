@@ -15,7 +15,7 @@ from collections import defaultdict
 import pytest
 
 from app.models import OrderState
-from app.sample import REFERENCE, signal_dict
+from app.sample import signal_dict
 from app.sinks.clickhouse import ClickHouseStore
 from app.sinks.kafka_clickhouse import ClickHouseSink
 from app.topics import SIGNALS_APPROVED
@@ -42,11 +42,6 @@ def chaos_signals(n: int, rng: random.Random, prefix: str = "chaos") -> tuple[li
     signals = [signal_dict(f"{prefix}-{i}", rng, order_type="market", lots=rng.choice((0.01, 0.1, 1.0)),
                            account=rng.choice(("acc-1", "acc-2", "acc-3"))) for i in range(n)]
     return signals, rng.sample(signals, n // 50)
-
-
-async def hold_prices(p: Pipeline) -> None:
-    for symbol, (mid, _) in REFERENCE.items():
-        await p.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
 
 
 async def check_nothing_lost_or_doubled(p: Pipeline, sink: ClickHouseSink, store: ClickHouseStore, ids: list[str],
@@ -121,7 +116,7 @@ async def test_worker_sigkilled_five_times_loses_and_doubles_nothing(tmp_path):
     sink = ClickHouseSink(p.settings, store=store)
     await sink.start()
     try:
-        await hold_prices(p)
+        await p.hold_reference_prices()
         rng = random.Random(99)
         signals, dupes = chaos_signals(SIGNALS, rng)
         ids = [order_id_for(s["signal_id"], PARTITIONS) for s in signals]
@@ -159,7 +154,7 @@ async def test_bridge_killed_nats_restarted_clickhouse_down_loses_and_doubles_no
     sink = ClickHouseSink(p.settings, store=store, retry_max=1.0)
     await sink.start()
     try:
-        await hold_prices(p)
+        await p.hold_reference_prices()
         signals, dupes = chaos_signals(EDGE_SIGNALS, random.Random(17), prefix="edge")
         ids = [order_id_for(s["signal_id"], PARTITIONS) for s in signals]
         total = len(signals) + len(dupes)

@@ -72,8 +72,7 @@ async def test_a_few_hundred_signals_fills_vwap_and_positions_agree(pipe: Pipeli
     await pipe.wait_orders(market, timeout=120)
     # Freeze the market so no pending order triggers while our figures, the broker's and
     # ClickHouse's are compared; let what already triggered finish its fills.
-    for symbol, (mid, _) in REFERENCE.items():
-        await pipe.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+    await pipe.hold_reference_prices()
     await asyncio.sleep(3)
     orders = await pipe.orders()
     execs = await pipe.executions()

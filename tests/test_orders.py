@@ -27,9 +27,7 @@ LIFECYCLE = {e.value for e in LIFECYCLE_EVENTS}
 async def pipe(tmp_path_factory):
     p = Pipeline(tmp_path_factory.mktemp("orders"), partitions=PARTITIONS)
     await p.start()
-    # Hold every market at its reference price: the signals are priced off it.
-    for symbol, (mid, _) in REFERENCE.items():
-        await p.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+    await p.hold_reference_prices()
     try:
         yield p
     finally:
