@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +35,7 @@ from mode import Service
 
 from app.kafka_io import end_offsets
 from app.settings import Settings
+from app.watchdog import exit_for_restart
 
 __all__ = ["install"]
 
@@ -248,10 +248,7 @@ async def _add_gap(self: Consumer, tp: Any, offset_from: int, offset_to: int) ->
                   "from %d", tp.topic, tp.partition, offset_from, earliest - 1, earliest)
         await _faust_add_gap(self, tp, offset_from, offset_to)
         return
-    from app.watchdog import EXIT_STALLED
-
     log.error("%s[%s]: the fetch skipped offsets %d..%d (last read %s, committed %s); exiting to re-read "
               "them from the committed offset", tp.topic, tp.partition, offset_from, offset_to,
               self._read_offset.get(tp), self._committed_offset.get(tp))
-    logging.shutdown()
-    os._exit(EXIT_STALLED)
+    exit_for_restart()

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.protocol.fetch import FetchRequest
@@ -21,6 +22,11 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: dict[str, bytes]
+
+    @classmethod
+    def of(cls, m: Any) -> "Record":
+        """From an aiokafka ``ConsumerRecord``."""
+        return cls(m.topic, m.partition, m.offset, m.key, m.value, dict(m.headers or ()))
 
 
 async def end_offsets(
@@ -98,7 +104,7 @@ async def read_topic(
             n = 0
             for msgs in batch.values():
                 for m in msgs:
-                    out.append(Record(m.topic, m.partition, m.offset, m.key, m.value, dict(m.headers or ())))
+                    out.append(Record.of(m))
                     n += 1
             if n:
                 last_new = time.monotonic()
@@ -154,7 +160,7 @@ class TopicTail:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.topic}: not read to its end offsets {end} in {timeout}s")
             for msgs in (await consumer.getmany(timeout_ms=200)).values():
-                out.extend(Record(m.topic, m.partition, m.offset, m.key, m.value, dict(m.headers or ())) for m in msgs)
+                out.extend(map(Record.of, msgs))
         return out
 
 

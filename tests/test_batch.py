@@ -197,7 +197,7 @@ async def test_a_skipped_range_on_an_input_topic_restarts_the_worker_instead_of_
     them; changelog topics (compacted) keep Faust's behaviour."""
     from faust.types import TP
 
-    from app import faust_patches
+    from app import faust_patches, watchdog
     from app.watchdog import EXIT_STALLED
 
     exits: list[int] = []
@@ -207,8 +207,8 @@ async def test_a_skipped_range_on_an_input_topic_restarts_the_worker_instead_of_
         gaps.append((tp.topic, a, b))
 
     monkeypatch.setattr(faust_patches, "_faust_add_gap", faust_gap)
-    monkeypatch.setattr(faust_patches.os, "_exit", exits.append)
-    monkeypatch.setattr(faust_patches.logging, "shutdown", lambda: None)
+    monkeypatch.setattr(watchdog.os, "_exit", exits.append)
+    monkeypatch.setattr(watchdog.logging, "shutdown", lambda: None)
 
     class Consumer:
         earliest = 0
