@@ -15,7 +15,12 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
 5. **No skipped offsets on input topics** (``Consumer._add_gap``): when the fetch jumps over
    offsets Faust counts them as processed and commits past them; on our (uncompacted,
    untransactional) input topics that lost signals.  The worker exits instead, to restart
-   from its committed offsets.
+   from its committed offsets.  A safety net: (6) removed the cause found.
+6. **The consumer thread fetches the partitions active when it runs, never all**
+   (``AIOKafkaConsumerThread._fetch_records``): Faust hands its live set of active partitions
+   to the consumer thread; when recovery empties it in between, aiokafka takes the empty set
+   for "every partition", hands over the paused stream partitions' records, Faust drops them
+   and aiokafka's position has moved past them: the fetch jump behind (5).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import faust
+from aiokafka.errors import ConsumerStoppedError
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -50,6 +56,7 @@ def install(settings: Settings) -> None:
     Recovery.on_recovery_completed = _on_recovery_completed  # type: ignore[method-assign]
     _install_lanes()
     Consumer._add_gap = _add_gap  # type: ignore[method-assign]
+    AIOKafkaConsumerThread._fetch_records = _fetch_records  # type: ignore[method-assign]
     _set_consumer(
         fetch_max_wait_ms=settings.effective("consumer_fetch_max_wait_ms"),
         check_end_offsets=bool(settings.effective("broker_end_offsets_check")),
@@ -226,7 +233,8 @@ def _set_consumer(fetch_max_wait_ms: int, check_end_offsets: bool) -> None:
 # the fetch position ran ahead of what was processed.  Seen in the worker chaos test
 # (5,000 signals, SIGKILLs): after a restart the consumer read orders.commands[0] at 361 right
 # after seeking to 158, and in another run 1,059 signals of one partition were committed
-# without orders.  The skipped records cannot be re-read in place (Faust drops records below
+# without orders.  The cause found later is fixed by (6); this stays as the safety net for
+# any other way a fetch can run ahead.  The skipped records cannot be re-read in place (Faust drops records below
 # its read offset), so the worker exits with the watchdog's restart code before anything past
 # the gap is acknowledged: the restart resumes from the committed offset and reads them (a
 # replay of records already processed is harmless: every effect is idempotent).  Records
@@ -252,3 +260,38 @@ async def _add_gap(self: Consumer, tp: Any, offset_from: int, offset_to: int) ->
               "them from the committed offset", tp.topic, tp.partition, offset_from, offset_to,
               self._read_offset.get(tp), self._committed_offset.get(tp))
     exit_for_restart()
+
+
+# --- 6. what the consumer thread fetches ------------------------------------------------------
+# Faust's consumer asks its consumer thread for records of ``active_partitions``: the live set
+# the main thread keeps (``Consumer._active_partitions``), checked non-empty there, read by the
+# thread when its turn comes.  aiokafka's ``Fetcher.fetched_records(partitions)`` treats an
+# *empty* collection as "every assigned partition", and drains records for each into the
+# answer, moving its fetch position past them.  When the set empties in between (recovery
+# pauses the changelog partitions it has finished while the stream partitions are still
+# paused), the thread hands over the stream partitions' records, Faust's ``getmany`` drops
+# them (not active) and aiokafka's position now lies past records nobody processed.  Recovery
+# then seeks partition by partition (each an OffsetFetch round trip), so a partition sought
+# before that drain went on from past it: the worker read orders.commands[2] from 522 after
+# seeking to 190, and (5) caught it.  Captured with the 5,000-signal chaos test:
+# "fetched with empty active set: orders.commands[2] 190..521, ... (all paused)", then the gap
+# 191..522.  Here the thread takes a snapshot of the set when it runs and fetches nothing
+# when it is empty; records of a partition paused after the snapshot are still dropped by
+# ``getmany``, but only at a rebalance, whose recovery seeks every stream partition (1).
+
+
+_faust_fetch_records = AIOKafkaConsumerThread._fetch_records
+
+
+async def _fetch_records(self: AIOKafkaConsumerThread, consumer: Any, active_partitions: Any,
+                         timeout: float | None = None, max_records: int | None = None) -> Any:
+    partitions = frozenset(active_partitions) if active_partitions is not None else None
+    if partitions is not None and not partitions:
+        return {}
+    if not self.consumer.flow_active:
+        return {}
+    fetcher = consumer._fetcher
+    if consumer._closed or fetcher._closed:
+        raise ConsumerStoppedError()
+    with fetcher._subscriptions.fetch_context():
+        return await fetcher.fetched_records(partitions, timeout=timeout, max_records=max_records)

@@ -94,14 +94,43 @@ class Watchdog:
             return True
         if stuck:
             waiting = {f"{tp.topic}[{tp.partition}]": v for tp, v in sorted(stuck.items())}
-            log.error("consumer stalled for %.0fs+ with records waiting (read, end): %s; exiting for a restart",
-                      self.stall_seconds, waiting)
+            log.error("consumer stalled for %.0fs+ with records waiting (read, end): %s; exiting for a restart; "
+                      "consumer state: %s", self.stall_seconds, waiting, consumer_state(app, list(stuck)))
             exit_for_restart()
         return bool(self._since)
 
     async def close(self) -> None:
         if self._probe is not None:
             await self._probe.stop()
+
+
+def consumer_state(app: faust.App, tps: list) -> dict[str, Any]:
+    """What the worker's consumer knows of ``tps`` (for the stall report): Faust's view (active,
+    buffered = its agent's queue under pressure, paused), aiokafka's (fetch position, paused,
+    records fetched and not yet handed over) and the agents' queues."""
+    consumer: Any = app.consumer
+    out: dict[str, Any] = {}
+    try:
+        ak = consumer._thread._ensure_consumer()
+        assignment = ak._subscription.subscription.assignment
+        for tp in tps:
+            state = assignment.state_value(tp)
+            held = ak._fetcher._records.get(tp)
+            out[f"{tp.topic}[{tp.partition}]"] = {
+                "faust": [name for name, tps_ in (("active", consumer._active_partitions or ()),
+                                                  ("buffered", consumer._buffered_partitions),
+                                                  ("paused", consumer._paused_partitions)) if tp in tps_],
+                "position": state._position, "aiokafka_paused": state.paused,
+                "held": type(held).__name__ if held is not None else None,
+            }
+        out["queues"] = {
+            agent.name: [(a.stream.channel.queue.qsize(), len(a.stream.channel.queue._pending_pressure_drop_callbacks))
+                         for a in agent._actors]
+            for agent in app.agents.values()
+        }
+    except Exception as exc:  # a report, never a reason to fail
+        out["error"] = repr(exc)
+    return out
 
 
 def register(app: faust.App, settings: Settings, topics: list[str], interval: float = 2.0) -> Watchdog:
