@@ -32,7 +32,8 @@ orders_agent = orders.register(context)
 positions_agent = positions.register(context)
 notify.register(context)
 web.register(app, runtime, tables)
-watchdog.register(app, settings, [t for t in orders.INPUTS + positions.INPUTS + notify.INPUTS])
+INPUTS = [*orders.INPUTS, *positions.INPUTS, *notify.INPUTS]
+watchdog.register(app, settings, INPUTS)
 
 
 @app.task
@@ -45,8 +46,11 @@ async def _connect() -> None:
 
 
 def _dump_tasks() -> None:
-    """``kill -USR1 <pid>``: log where every asyncio task is waiting (its await chain)."""
+    """``kill -USR1 <pid>``: log what the consumer knows of each input partition (the stall
+    watchdog's report) and where every asyncio task is waiting (its await chain)."""
     log = logging.getLogger("execution.tasks")
+    inputs = sorted(tp for tp in app.assignor.assigned_actives() if tp.topic in INPUTS)
+    log.warning("consumer state: %s", watchdog.consumer_state(app, inputs))
     for task in asyncio.all_tasks():
         chain, coro = [], task.get_coro()
         while coro is not None and len(chain) < 30:

@@ -6,8 +6,8 @@ fetches a record (every agent idle in ``stream.events()``, read offsets frozen a
 committed ones, records waiting on every partition).  Whatever the cause (broker or
 client), the remedy that always works is a new consumer: the watchdog compares the
 broker's end offsets with what the agents have read, and when there is lag and nothing
-was read for ``stall_seconds``, it logs the evidence and exits the process with
-:data:`EXIT_STALLED` so the supervisor (Kubernetes, ``app.local.Services``) starts it again.
+was read or committed for ``stall_seconds`` (:class:`StallTracker`), it logs the evidence
+and exits the process with :data:`EXIT_STALLED` so the supervisor (Kubernetes, ``app.local.Services``) starts it again.
 Before that it tries the cheap cure that works in practice: partitions that were never
 positioned are sought to their committed offsets once.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import faust
@@ -37,99 +38,129 @@ def exit_for_restart() -> None:
     os._exit(EXIT_STALLED)
 
 
+class StallTracker:
+    """Which partitions are stalled: records waiting (end offset past the read offset) and no
+    progress for ``stall_seconds``.  Progress is the read offset *or* the committed offset
+    moving: a partition whose agent's queue is full is not fetched (Faust's backpressure), so
+    its read offset stands still while the agent works through the queue and commits; counting
+    only reads restarted busy workers under a backlog.  Plain Python, no clock of its own."""
+
+    def __init__(self, stall_seconds: float) -> None:
+        self.stall_seconds = stall_seconds
+        self._last: dict[Any, tuple[int | None, int | None]] = {}
+        self._since: dict[Any, float] = {}
+
+    def reset(self) -> None:
+        self._since.clear()
+
+    @property
+    def stalled_since(self) -> float | None:
+        return min(self._since.values()) if self._since else None
+
+    def observe(self, now: float, offsets: Mapping[Any, tuple[int | None, int | None, int]]) -> tuple[dict, list]:
+        """``offsets``: per partition (read, committed, end).  Returns ({partition: (read, end)}
+        stalled for ``stall_seconds``, [partitions never read and waiting for a quarter of it])."""
+        stuck: dict[Any, tuple[int | None, int]] = {}
+        for tp in [tp for tp in self._since if tp not in offsets]:
+            del self._since[tp]
+        for tp, (read, committed, end) in offsets.items():
+            lagging = end > ((read + 1) if read is not None else 0)
+            mark = (read, committed)
+            if not lagging or mark != self._last.get(tp):
+                self._since.pop(tp, None)
+            else:
+                since = self._since.setdefault(tp, now)
+                if now - since >= self.stall_seconds:
+                    stuck[tp] = (read, end)
+            self._last[tp] = mark
+        never_read = [tp for tp, since in self._since.items()
+                      if self._last[tp][0] is None and now - since >= self.stall_seconds / 4]
+        return stuck, never_read
+
+
 class Watchdog:
     def __init__(self, app: faust.App, settings: Settings, topics: list[str], stall_seconds: float = 20.0) -> None:
         self.app = app
         self.settings = settings
         self.topics = set(topics)
         self.stall_seconds = stall_seconds
-        self.stalled_since: float | None = None
-        self._last: dict[Any, int | None] = {}
-        self._since: dict[Any, float] = {}
+        self.tracker = StallTracker(stall_seconds)
         self._reseeked = False
         self._probe: AIOKafkaConsumer | None = None
 
+    @property
+    def stalled_since(self) -> float | None:
+        return self.tracker.stalled_since
+
     async def check(self) -> bool:
         """One look; True while stalled.  Exits the process once stalled for long enough."""
-        app = self.app
+        app: Any = self.app
         if app.rebalancing or not app.tables.recovery.completed.is_set():
-            self._since.clear()
-            self.stalled_since = None
+            self.tracker.reset()
             return False
-        # A partition paused because its agent's buffer is full (a slow agent, NATS down for
-        # the notifier) is backpressure, not a stall: only unpaused partitions count.
+        # Partitions Faust paused (a rebalance, recovery) are not expected to move.
         paused = set(getattr(app.consumer, "_paused_partitions", ()))
         tps = [tp for tp in app.assignor.assigned_actives() if tp.topic in self.topics and tp not in paused]
         if not tps:
-            self._since.clear()
-            self.stalled_since = None
+            self.tracker.reset()
             return False
         if self._probe is None:
             self._probe = AIOKafkaConsumer(**self.settings.aiokafka_common(), enable_auto_commit=False)
             await self._probe.start()
         end = await end_offsets(self._probe, tps, self.settings)
-        now = time.monotonic()
-        stuck: dict[Any, tuple[int | None, int]] = {}
-        for tp in tps:
-            read = app.consumer._read_offset.get(tp)
-            lagging = end[tp] > ((read + 1) if read is not None else 0)
-            if not lagging or read != self._last.get(tp):
-                self._since.pop(tp, None)
-            else:
-                since = self._since.setdefault(tp, now)
-                if now - since >= self.stall_seconds:
-                    stuck[tp] = (read, end[tp])
-            self._last[tp] = read
-        self.stalled_since = min(self._since.values()) if self._since else None
-        if not self._since:
+        consumer = app.consumer
+        stuck, never_read = self.tracker.observe(time.monotonic(), {
+            tp: (consumer._read_offset.get(tp), consumer._committed_offset.get(tp), end[tp]) for tp in tps})
+        if self.tracker.stalled_since is None:
             self._reseeked = False
-        never_read = [tp for tp, since in self._since.items() if self._last.get(tp) is None and now - since >= self.stall_seconds / 4]
         if never_read and not self._reseeked:
             # The usual shape of the stall: partitions assigned but never positioned.  A seek
             # to the committed offsets is tried once before the restart.
             self._reseeked = True
             log.warning("partitions never fetched: %s; seeking to committed offsets",
                         sorted(f"{tp.topic}[{tp.partition}]" for tp in never_read))
-            await app.consumer.seek_to_committed()
+            await consumer.seek_to_committed()
             return True
         if stuck:
             waiting = {f"{tp.topic}[{tp.partition}]": v for tp, v in sorted(stuck.items())}
             log.error("consumer stalled for %.0fs+ with records waiting (read, end): %s; exiting for a restart; "
                       "consumer state: %s", self.stall_seconds, waiting, consumer_state(app, list(stuck)))
             exit_for_restart()
-        return bool(self._since)
+        return self.tracker.stalled_since is not None
 
     async def close(self) -> None:
         if self._probe is not None:
             await self._probe.stop()
 
 
-def consumer_state(app: faust.App, tps: list) -> dict[str, Any]:
+def consumer_state(app: Any, tps: list) -> dict[str, Any]:
     """What the worker's consumer knows of ``tps`` (for the stall report): Faust's view (active,
     buffered = its agent's queue under pressure, paused), aiokafka's (fetch position, paused,
-    records fetched and not yet handed over) and the agents' queues."""
-    consumer: Any = app.consumer
+    records fetched and not yet handed over) and the agents' queues (size, partitions waiting
+    for the pressure to drop).  Reads other threads' state without locks: a report, no more."""
+    consumer = app.consumer
+    sets = {name: getattr(consumer, attr, None) or () for name, attr in
+            (("active", "_active_partitions"), ("buffered", "_buffered_partitions"), ("paused", "_paused_partitions"))}
     out: dict[str, Any] = {}
-    try:
-        ak = consumer._thread._ensure_consumer()
-        assignment = ak._subscription.subscription.assignment
-        for tp in tps:
-            state = assignment.state_value(tp)
+    for tp in tps:
+        view: dict[str, Any] = {"faust": [name for name, members in sets.items() if tp in members]}
+        try:
+            ak = consumer._thread._ensure_consumer()
+            state = ak._subscription.subscription.assignment.state_value(tp)
             held = ak._fetcher._records.get(tp)
-            out[f"{tp.topic}[{tp.partition}]"] = {
-                "faust": [name for name, tps_ in (("active", consumer._active_partitions or ()),
-                                                  ("buffered", consumer._buffered_partitions),
-                                                  ("paused", consumer._paused_partitions)) if tp in tps_],
-                "position": state._position, "aiokafka_paused": state.paused,
-                "held": type(held).__name__ if held is not None else None,
-            }
+            view.update(position=state._position, aiokafka_paused=state.paused,
+                        held=type(held).__name__ if held is not None else None)
+        except Exception as exc:  # noqa: BLE001 - a report, never a reason to fail
+            view["aiokafka"] = repr(exc)
+        out[f"{tp.topic}[{tp.partition}]"] = view
+    try:
         out["queues"] = {
             agent.name: [(a.stream.channel.queue.qsize(), len(a.stream.channel.queue._pending_pressure_drop_callbacks))
                          for a in agent._actors]
             for agent in app.agents.values()
         }
-    except Exception as exc:  # a report, never a reason to fail
-        out["error"] = repr(exc)
+    except Exception as exc:  # noqa: BLE001
+        out["queues"] = repr(exc)
     return out
 
 

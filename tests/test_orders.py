@@ -235,3 +235,41 @@ async def test_stuck_orders_end_in_the_brokers_state_or_failed_timeout(pipe: Pip
     seq = types_of((await pipe.events())[unknown])
     assert seq == ["created", "submitted", "failed"]
     assert EventType.FAILED.value in seq
+
+
+async def test_sigusr1_logs_the_consumer_state_of_every_input_partition(pipe: Pipeline):
+    """Ops' ``kill -USR1 <worker pid>``: the consumer's view of each input partition (the
+    stall watchdog's report: Faust's sets, aiokafka's fetch position) and the agents' queues."""
+    import ast
+    import signal
+
+    from app.main import INPUTS
+
+    worker = pipe.services.running["worker-1"]
+    log = worker.log_path
+    before = log.stat().st_size
+    worker.proc.send_signal(signal.SIGUSR1)
+
+    def report() -> dict | None:
+        with open(log, "rb") as f:
+            f.seek(before)
+            for line in f.read().decode(errors="replace").splitlines():
+                if "consumer state: " in line:
+                    return ast.literal_eval(line.split("consumer state: ", 1)[1].strip())
+        return None
+
+    for _ in range(50):
+        state = report()
+        if state:
+            break
+        await asyncio.sleep(0.1)
+    assert state, "no consumer state in the worker's log after SIGUSR1"
+    partitions = {k: v for k, v in state.items() if k != "queues"}
+    assert set(partitions) == {f"{t}[{p}]" for t in INPUTS for p in range(PARTITIONS)}
+    for name, view in partitions.items():
+        assert view["faust"] in (["active"], ["buffered"]), (name, view)
+        assert isinstance(view["position"], int) and view["aiokafka_paused"] is False, (name, view)
+    # (records waiting in the agent's queue, partitions waiting for its pressure to drop)
+    assert set(state["queues"]) == {"orders", "positions", "notify"}
+    for agent, actors in state["queues"].items():
+        assert len(actors) == 1 and all(isinstance(n, int) and n >= 0 for n in actors[0]), (agent, actors)
