@@ -234,12 +234,13 @@ def _set_consumer(fetch_max_wait_ms: int, check_end_offsets: bool) -> None:
 # (5,000 signals, SIGKILLs): after a restart the consumer read orders.commands[0] at 361 right
 # after seeking to 158, and in another run 1,059 signals of one partition were committed
 # without orders.  The cause found later is fixed by (6); this stays as the safety net for
-# any other way a fetch can run ahead.  The skipped records cannot be re-read in place (Faust drops records below
-# its read offset), so the worker exits with the watchdog's restart code before anything past
-# the gap is acknowledged: the restart resumes from the committed offset and reads them (a
-# replay of records already processed is harmless: every effect is idempotent).  Records
-# already deleted by retention cannot be re-read: that gap is logged and accepted, or a
-# worker down for longer than the retention would restart for ever.
+# any other way a fetch can run ahead.  The skipped records cannot be re-read in place
+# (Faust drops records below its read offset), so the worker exits with the watchdog's
+# restart code before anything past the gap is acknowledged: the restart resumes from the
+# committed offset and reads them (a replay of records already processed is harmless: every
+# effect is idempotent).  Records already deleted by retention cannot be re-read: that gap
+# is logged and accepted, or a worker down for longer than the retention would restart for
+# ever.
 _faust_add_gap = Consumer._add_gap
 
 
@@ -270,9 +271,10 @@ async def _add_gap(self: Consumer, tp: Any, offset_from: int, offset_to: int) ->
 # answer, moving its fetch position past them.  When the set empties in between (recovery
 # pauses the changelog partitions it has finished while the stream partitions are still
 # paused), the thread hands over the stream partitions' records, Faust's ``getmany`` drops
-# them (not active) and aiokafka's position now lies past records nobody processed.  Recovery
-# then seeks partition by partition (each an OffsetFetch round trip), so a partition sought
-# before that drain went on from past it: the worker read orders.commands[2] from 522 after
+# them (not active) and aiokafka's position now lies past records nobody processed.  The
+# thread runs two calls at a time (mode's ``MethodQueue``), so such a fetch runs beside
+# recovery's seek, which goes partition by partition (one OffsetFetch round trip each): a
+# partition sought before the drain went on from past its committed offset: the worker read orders.commands[2] from 522 after
 # seeking to 190, and (5) caught it.  Captured with the 5,000-signal chaos test:
 # "fetched with empty active set: orders.commands[2] 190..521, ... (all paused)", then the gap
 # 191..522.  Here the thread takes a snapshot of the set when it runs and fetches nothing
