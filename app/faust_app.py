@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
         broker_rebalance_timeout=s.effective("broker_rebalance_timeout"),
         broker_heartbeat_interval=s.effective("broker_heartbeat_interval"),
         producer_max_batch_size=s.effective("producer_max_batch_size"),
+        producer_linger=s.effective("producer_linger_ms") / 1000.0,
         producer_partitioner=KeyPartitioner(),
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",

@@ -16,6 +16,7 @@ from app.local import tansu_binary
 def broker_line(settings: Any) -> str:
     return (f"broker: Tansu ({Path(tansu_binary()).name}, {settings.profile.value} profile); "
             f"producer_max_batch_size={settings.effective('producer_max_batch_size')}; "
+            f"producer_linger_ms={settings.effective('producer_linger_ms')}; "
             f"broker_end_offsets_check={settings.effective('broker_end_offsets_check')}")
 
 

@@ -111,7 +111,7 @@ async def test_recovery_script_replays_every_record_once_and_nothing_with_the_da
     out = capsys.readouterr().out
     assert "broker: Tansu" in out and "execution-orders-changelog" in out
     # the changelog is filled in batches of several records: the replay needs the end-offset check
-    assert "producer_max_batch_size=16384; broker_end_offsets_check=True" in out
+    assert "producer_max_batch_size=16384; producer_linger_ms=0; broker_end_offsets_check=True" in out
     assert r.filled.records == 300
     assert r.cold.replayed == 300 and r.cold.rounds >= 1  # the empty data dir: the whole changelog
     assert r.warm.replayed == 0  # the data dir kept: nothing to replay
@@ -124,7 +124,7 @@ async def test_recovery_script_replays_every_record_once_and_nothing_with_the_da
 async def test_throughput_script_with_two_workers(capsys):
     result = await load("throughput").main(["--signals", "40", "--workers", "2"])
     out = capsys.readouterr().out
-    assert "producer_max_batch_size=16384; broker_end_offsets_check=True" in out and "pass-through" in out and "[2 workers]" in out
+    assert "producer_max_batch_size=16384; producer_linger_ms=0; broker_end_offsets_check=True" in out and "pass-through" in out and "[2 workers]" in out
     assert result["passthrough"] > 0 and set(result["runs"]) == {2}
     # CPU per signal for each process of the stack, both workers among them, and the ceiling
     assert "CPU per signal" in out and all(f"{name} " in out for name in ("worker-1", "worker-2", "tansu", "nats-server"))
@@ -137,5 +137,5 @@ async def test_throughput_script_with_two_workers(capsys):
 async def test_fetch_wait_script_reads_every_record(capsys):
     out = await load("fetch_wait").main(["--waits", "50", "5", "--messages", "10", "--rate", "50"])
     text = capsys.readouterr().out
-    assert "producer_max_batch_size=16384; broker_end_offsets_check=True" in text and "fetch_max_wait_ms" in text
+    assert "producer_max_batch_size=16384; producer_linger_ms=0; broker_end_offsets_check=True" in text and "fetch_max_wait_ms" in text
     assert set(out) == {50, 5} and all(len(v) == 10 and v[0] >= 0 for v in out.values())
