@@ -19,7 +19,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
     faust_patches.install(s)
     s.data_dir.mkdir(parents=True, exist_ok=True)
     extra: dict = {}
-    if s.consumer_group_instance_id:
+    if s.consumer_group_instance_id and s.effective("consumer_static_membership"):
         extra["consumer_group_instance_id"] = s.consumer_group_instance_id
     if s.canonical_url:
         extra["canonical_url"] = s.canonical_url

@@ -271,7 +271,7 @@ class Services:
             name, ["worker"],
             EXECUTION_DATA_DIR=str(self.workdir / name),
             EXECUTION_WEB_PORT=str(port),
-            EXECUTION_CONSUMER_GROUP_INSTANCE_ID=name,  # static membership: a restart takes its place
+            EXECUTION_CONSUMER_GROUP_INSTANCE_ID=name,  # used where the profile has static membership
         )
         svc.web_port = port  # type: ignore[attr-defined]
         if wait:

@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     #: owner of the key's partition); default ``http://<hostname>:<web_port>``.
     canonical_url: str | None = None
     #: Static group membership (KIP-345) for StatefulSet pods: set to the pod name so a
-    #: restarted pod gets its partitions back without a rebalance.
+    #: restarted pod gets its partitions back without a rebalance.  Used only where
+    #: ``consumer_static_membership`` is on (the production profile).
     consumer_group_instance_id: str | None = None
 
     # --- credentials (never logged: SecretStr) -----------------------------------------
@@ -89,6 +90,12 @@ class Settings(BaseSettings):
     #: waiting fetch only when the wait ends, so Faust's fixed 1500 made every Kafka hop cost
     #: up to 1.5 s (``bench/fetch_wait.py``); the local profile polls every 10 ms instead.
     consumer_fetch_max_wait_ms: int | None = None
+    #: Join the group with ``consumer_group_instance_id`` (static membership).  Off on Tansu
+    #: 0.6: of two workers, one SIGKILLed and restarted under its instance id re-joins the
+    #: group every few seconds and never completes its SyncGroup (the leader is not asked to
+    #: rebalance), so it never gets partitions.  Without it the restarted worker joins as a
+    #: new member and the group rebalances (``tests/test_operate.py``).
+    consumer_static_membership: bool | None = None
     commit_interval: float = 1.0
     #: The orders and positions agents take up to this many records at a time and wait for
     #: their outputs' acks once per batch (agents/common.py:Batch) ...
@@ -166,6 +173,7 @@ _TUNING = (
     "producer_linger_ms",
     "broker_end_offsets_check",
     "consumer_fetch_max_wait_ms",
+    "consumer_static_membership",
 )
 
 _PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
@@ -177,6 +185,7 @@ _PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
         "producer_linger_ms": 0,
         "broker_end_offsets_check": True,
         "consumer_fetch_max_wait_ms": 10,
+        "consumer_static_membership": False,
     },
     # Faust's own production defaults.
     Profile.PRODUCTION: {
@@ -187,6 +196,7 @@ _PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
         "producer_linger_ms": 0,
         "broker_end_offsets_check": False,
         "consumer_fetch_max_wait_ms": 1500,
+        "consumer_static_membership": True,
     },
 }
 

@@ -1,5 +1,6 @@
-"""Operating it: two workers share the partitions and take over from each other; the web
-endpoints answer from both; a hub config change reaches both; the demo runs end to end."""
+"""Operating it: two workers share the partitions and take over from each other (a graceful
+stop, a SIGKILL); the web endpoints answer from both; a hub config change reaches both; the
+demo runs end to end."""
 
 from __future__ import annotations
 
@@ -102,8 +103,41 @@ async def test_two_workers_share_partitions_and_take_over(tmp_path: Path):
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{w2.web_port}/metrics", timeout=5).read().decode())
         assert "execution_duplicate_signals_total" in metrics
         assert "execution_consumer_lag" in metrics
+
+        # worker-1 comes back and the two share again; then worker-2 dies without leaving the
+        # group (SIGKILL) while signals flow, and is restarted: it must get partitions again
+        # (with static membership on Tansu it re-joined for ever) and nothing may be lost.
+        w1 = await asyncio.to_thread(p.services.restart, "worker-1")
+        await wait_shared(w1, w2)
+        third = [signal_dict(f"two-c-{i}", rng, order_type="market", lots=0.1) for i in range(120)]
+        publisher = asyncio.create_task(p.publish_signals(third, rate=40.0))
+        await asyncio.sleep(1.0)
+        w2 = await asyncio.to_thread(p.services.restart, "worker-2", True)
+        await publisher
+        await wait_shared(w1, w2)
+        ids3 = [order_id_for(s["signal_id"], PARTITIONS) for s in third]
+        orders = await p.wait_orders(ids3)
+        assert all(orders[i].state is OrderState.FILLED for i in ids3)
+        events = await p.events()
+        assert all([e.type.value for e in events[i]].count("created") == 1 for i in ids3)
+        stats = await p.sim_stats()
+        assert all(stats["executed"][i] == 1 for i in ids3)
     finally:
         p.stop()
+
+
+async def wait_shared(*workers, timeout: float = 90) -> None:
+    """Until every worker reports partitions assigned (the group has rebalanced over them)."""
+    body: dict = {}
+    for _ in range(int(timeout * 2)):
+        counts = []
+        for w in workers:
+            status, body = await asyncio.to_thread(get, w.web_port, "/health")
+            counts.append(body.get("assigned_partitions", 0) if status == 200 else 0)
+        if all(counts):
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"partitions not shared by {[w.name for w in workers]}: {counts}, {body}")
 
 
 def test_the_demo_command_runs_end_to_end(tmp_path: Path):
