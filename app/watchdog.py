@@ -7,7 +7,8 @@ committed ones, records waiting on every partition).  Whatever the cause (broker
 client), the remedy that always works is a new consumer: the watchdog compares the
 broker's end offsets with what the agents have read, and when there is lag and nothing
 was read or committed for ``stall_seconds`` (:class:`StallTracker`), it logs the evidence
-and exits the process with :data:`EXIT_STALLED` so the supervisor (Kubernetes, ``app.local.Services``) starts it again.
+and exits the process with :data:`EXIT_STALLED` so the supervisor (Kubernetes,
+``app.local.Services``) starts it again.
 Before that it tries the cheap cure that works in practice: partitions that were never
 positioned are sought to their committed offsets once.
 """
@@ -43,7 +44,9 @@ class StallTracker:
     progress for ``stall_seconds``.  Progress is the read offset *or* the committed offset
     moving: a partition whose agent's queue is full is not fetched (Faust's backpressure), so
     its read offset stands still while the agent works through the queue and commits; counting
-    only reads restarted busy workers under a backlog.  Plain Python, no clock of its own."""
+    only reads restarted busy workers under a backlog.  The price: a real fetch stall is seen
+    once the agent has also worked its queue down, up to that much later.  Plain Python, no
+    clock of its own."""
 
     def __init__(self, stall_seconds: float) -> None:
         self.stall_seconds = stall_seconds
