@@ -26,9 +26,18 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _own_children() -> None:
+    from app.local import take_ownership
+
+    left = take_ownership()
+    if left:
+        print(f"stopped {len(left)} processes left by an earlier run that was killed: {left}", flush=True)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from app.local import LocalStack
 
+    _own_children()
     stack = LocalStack().start()
     print(f"kafka: {stack.kafka_url}\nnats:  {stack.nats_url}\nlogs:  {stack.workdir}", flush=True)
     print("export " + " ".join(f"{k}={v}" for k, v in stack.env().items()), flush=True)
@@ -135,6 +144,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from app.demo import run_demo
 
+    _own_children()
     return run_demo(signals=args.signals, rate=args.rate, seed=args.seed)
 
 

@@ -69,6 +69,15 @@ def mark_owner() -> None:
     os.environ[OWNER_ENV] = str(os.getpid())
 
 
+def take_ownership() -> list[int]:
+    """For a runner (the tests, ``execution up``, ``execution demo``) before it starts anything:
+    stop what an earlier runner that was SIGKILLed left behind (:func:`reap_orphans`), then
+    mark this process as the owner of what it starts.  Returns the pids stopped."""
+    left = reap_orphans()
+    mark_owner()
+    return left
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from app.local import LocalStack, mark_owner, reap_orphans  # noqa: E402
+from app.local import LocalStack, take_ownership  # noqa: E402
 from app.settings import Settings  # noqa: E402
 
 
@@ -26,10 +26,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
     signal.signal(signal.SIGTERM, interrupt)
     # A run killed with SIGKILL cannot stop anything: the next run stops what it left.
-    left = reap_orphans()
+    left = take_ownership()
     if left:
-        print(f"stopped {len(left)} processes left by an earlier test run that was killed: {left}")
-    mark_owner()
+        print(f"stopped {len(left)} processes left by an earlier run that was killed: {left}")
 
 
 @pytest.fixture
