@@ -32,7 +32,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import faust
-from aiokafka.errors import ConsumerStoppedError
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -274,8 +273,8 @@ async def _add_gap(self: Consumer, tp: Any, offset_from: int, offset_to: int) ->
 # them (not active) and aiokafka's position now lies past records nobody processed.  The
 # thread runs two calls at a time (mode's ``MethodQueue``), so such a fetch runs beside
 # recovery's seek, which goes partition by partition (one OffsetFetch round trip each): a
-# partition sought before the drain went on from past its committed offset: the worker read orders.commands[2] from 522 after
-# seeking to 190, and (5) caught it.  Captured with the 5,000-signal chaos test:
+# partition sought before the drain went on from past its committed offset: the worker read
+# orders.commands[2] from 522 after seeking to 190, and (5) caught it.  Captured with the 5,000-signal chaos test:
 # "fetched with empty active set: orders.commands[2] 190..521, ... (all paused)", then the gap
 # 191..522.  Here the thread takes a snapshot of the set when it runs and fetches nothing
 # when it is empty; records of a partition paused after the snapshot are still dropped by
@@ -287,13 +286,8 @@ _faust_fetch_records = AIOKafkaConsumerThread._fetch_records
 
 async def _fetch_records(self: AIOKafkaConsumerThread, consumer: Any, active_partitions: Any,
                          timeout: float | None = None, max_records: int | None = None) -> Any:
+    """Faust's own, given a snapshot of the set; nothing when the snapshot is empty."""
     partitions = frozenset(active_partitions) if active_partitions is not None else None
     if partitions is not None and not partitions:
         return {}
-    if not self.consumer.flow_active:
-        return {}
-    fetcher = consumer._fetcher
-    if consumer._closed or fetcher._closed:
-        raise ConsumerStoppedError()
-    with fetcher._subscriptions.fetch_context():
-        return await fetcher.fetched_records(partitions, timeout=timeout, max_records=max_records)
+    return await _faust_fetch_records(self, consumer, partitions, timeout=timeout, max_records=max_records)

@@ -107,8 +107,7 @@ async def check_nothing_lost_or_doubled(p: Pipeline, sink: ClickHouseSink, store
     assert ch_versions == {k: (to_units(v.net_volume), v.version) for k, v in positions.items()}
     # The safety net for skipped offsets (app/faust_patches.py, 5) must not have been needed:
     # it fired after restarts until its cause was fixed (6); a restart it forces hides a loss.
-    worker_log = "\n".join(svc.log_path.read_text(errors="replace") for svc in p.services.running.values()
-                           if svc.argv[0] == "worker")
+    worker_log = "\n".join(svc.log_text() for svc in p.services.running.values() if svc.argv[0] == "worker")
     skipped = [line for line in worker_log.splitlines() if "the fetch skipped offsets" in line]
     assert not skipped, f"a worker's fetch skipped offsets: {skipped[:3]}"
     print(f"worker starts: {worker_log.count('Worker ready')}, stall-watchdog restarts: "

@@ -246,24 +246,11 @@ async def test_sigusr1_logs_the_consumer_state_of_every_input_partition(pipe: Pi
     from app.main import INPUTS
 
     worker = pipe.services.running["worker-1"]
-    log = worker.log_path
-    before = log.stat().st_size
+    before = len(worker.log_text())
     worker.proc.send_signal(signal.SIGUSR1)
-
-    def report() -> dict | None:
-        with open(log, "rb") as f:
-            f.seek(before)
-            for line in f.read().decode(errors="replace").splitlines():
-                if "consumer state: " in line:
-                    return ast.literal_eval(line.split("consumer state: ", 1)[1].strip())
-        return None
-
-    for _ in range(50):
-        state = report()
-        if state:
-            break
-        await asyncio.sleep(0.1)
-    assert state, "no consumer state in the worker's log after SIGUSR1"
+    await asyncio.to_thread(worker.wait_for_log, "consumer state: ", 5.0, before)
+    line = next(x for x in worker.log_text()[before:].splitlines() if "consumer state: " in x)
+    state = ast.literal_eval(line.split("consumer state: ", 1)[1].strip())
     partitions = {k: v for k, v in state.items() if k != "queues"}
     assert set(partitions) == {f"{t}[{p}]" for t in INPUTS for p in range(PARTITIONS)}
     for name, view in partitions.items():
