@@ -21,6 +21,9 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
    to the consumer thread; when recovery empties it in between, aiokafka takes the empty set
    for "every partition", hands over the paused stream partitions' records, Faust drops them
    and aiokafka's position has moved past them: the fetch jump behind (5).
+7. **No fixed sleeps at start and stop** (``TableManager.on_start``, mode's ``Worker``): every
+   start waited 1 s for tables that might still be defined (ours all are, at import), every
+   graceful stop waited 2 s after everything was committed, flushed and closed.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import faust
+from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.producer import ProducerBuffer
 from mode import Service
+from mode.worker import Worker
 
 from app.kafka_io import end_offsets
 from app.settings import Settings
@@ -56,6 +61,9 @@ def install(settings: Settings) -> None:
     _install_lanes()
     Consumer._add_gap = _add_gap  # type: ignore[method-assign]
     AIOKafkaConsumerThread._fetch_records = _fetch_records  # type: ignore[method-assign]
+    TableManager.on_start = _table_manager_on_start  # type: ignore[method-assign]
+    Worker._gather_all = _gather_all  # type: ignore[method-assign]
+    Worker._sentinel_task = _sentinel_task  # type: ignore[method-assign]
     _set_consumer(
         fetch_max_wait_ms=settings.effective("consumer_fetch_max_wait_ms"),
         check_end_offsets=bool(settings.effective("broker_end_offsets_check")),
@@ -291,3 +299,35 @@ async def _fetch_records(self: AIOKafkaConsumerThread, consumer: Any, active_par
     if partitions is not None and not partitions:
         return {}
     return await _faust_fetch_records(self, consumer, partitions, timeout=timeout, max_records=max_records)
+
+
+# --- 7. no fixed sleeps at start and stop -------------------------------------------------
+# Faust's table manager sleeps 1 s as it starts, so that tables defined late (by code that
+# runs after the app was created) are registered before the consumer subscribes; a table
+# added after that raises "Too late to add tables".  Ours are all defined at import
+# (tables/definitions.py, before the worker starts), so the sleep only delayed every start.
+# mode's worker, once the app has stopped (offsets committed, producer flushed, tables
+# closed, group left), waits up to 1 s for the tasks still around, cancels them and sleeps
+# another second before closing the loop: 2 s of every graceful stop, a rolling restart or a
+# rebalance handed over to a stopping pod waits for nothing.  Here the tasks get 0.1 s, and
+# the cancelled ones a few loop turns to unwind.  Together with the local profile's shorter
+# session (``broker_session_timeout``), a SIGKILLed worker is back in 4 to 5 s instead of 13.
+
+
+async def _table_manager_on_start(self: TableManager) -> None:
+    if not self.should_stop:
+        await self._update_channels()
+        await self.recovery.start()
+
+
+def _gather_all(self: Worker) -> None:
+    for _ in range(10):
+        if not asyncio.all_tasks(loop=self.loop):
+            break
+        self.loop.run_until_complete(asyncio.sleep(0.01))
+    for task in asyncio.all_tasks(loop=self.loop):
+        task.cancel()
+
+
+async def _sentinel_task(self: Worker) -> None:
+    await asyncio.sleep(0.05)
