@@ -24,6 +24,9 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
 7. **No fixed sleeps at start and stop** (``TableManager.on_start``, mode's ``Worker``): every
    start waited 1 s for tables that might still be defined (ours all are, at import), every
    graceful stop waited 2 s after everything was committed, flushed and closed.
+8. **One seek to the committed offsets at a time** (``Consumer.perform_seek``): two that
+   overlapped after a rebalance left the fetch positions of one and the read offsets of the
+   other, which looked like skipped offsets to (5) and restarted the worker.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def install(settings: Settings) -> None:
     TableManager.on_start = _table_manager_on_start  # type: ignore[method-assign]
     Worker._gather_all = _gather_all  # type: ignore[method-assign]
     Worker._sentinel_task = _sentinel_task  # type: ignore[method-assign]
+    Consumer.perform_seek = _perform_seek  # type: ignore[method-assign]
     _set_consumer(
         fetch_max_wait_ms=settings.effective("consumer_fetch_max_wait_ms"),
         check_end_offsets=bool(settings.effective("broker_end_offsets_check")),
@@ -265,7 +269,7 @@ async def _add_gap(self: Consumer, tp: Any, offset_from: int, offset_to: int) ->
         await _faust_add_gap(self, tp, offset_from, offset_to)
         return
     log.error("%s[%s]: the fetch skipped offsets %d..%d (last read %s, committed %s); exiting to re-read "
-              "them from the committed offset", tp.topic, tp.partition, offset_from, offset_to,
+              "them from the committed offset", tp.topic, tp.partition, offset_from, offset_to - 1,
               self._read_offset.get(tp), self._committed_offset.get(tp))
     exit_for_restart()
 
@@ -331,3 +335,34 @@ def _gather_all(self: Worker) -> None:
 
 async def _sentinel_task(self: Worker) -> None:
     await asyncio.sleep(0.05)
+
+
+# --- 8. one seek to the committed offsets at a time ------------------------------------------
+# Faust seeks every partition to its committed offset from two places: its fetch loop, when
+# records come back after the flow was stopped (a rebalance began while it fetched), and
+# recovery, before the stream partitions are resumed (1).  Both run through the consumer
+# thread, which runs two calls at a time, so after a rebalance they can overlap.  A seek
+# moves the fetch positions partition by partition (one OffsetFetch round trip each, retried
+# while the group rebalances) and sets Faust's read offsets for all of them at the end.  If
+# the committed offset moves between the two (records processed before the rebalance are
+# committed late, as Faust does after a revoke), the slower seek can leave the position
+# where the other put it and the read offset where it read it: a worker that had just been
+# sought and resumed read signals.approved[0] at 114 with its read offset at 100, took
+# 101..113 for a gap, and (5) restarted it (tests/test_chaos.py, two workers, one SIGKILLed
+# at a time; the log fits this sequence, tests/test_faust_patches.py reproduces the race on
+# Faust's own perform_seek).  Read offset behind the position: a false gap and a needless
+# restart; ahead of it: the records between are skipped as already read (harmless only
+# because a committed offset lies behind them).
+# Here a seek waits for the one before it, so positions and read offsets come from the same
+# OffsetFetch answers; the later seek wins both.
+
+
+_faust_perform_seek = Consumer.perform_seek
+
+
+async def _perform_seek(self: Consumer) -> None:
+    lock = getattr(self, "_execution_seek_lock", None)
+    if lock is None:
+        lock = self._execution_seek_lock = asyncio.Lock()  # type: ignore[attr-defined]
+    async with lock:
+        await _faust_perform_seek(self)

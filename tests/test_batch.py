@@ -191,7 +191,7 @@ def test_open_orders_younger_than_the_checks_are_skipped_without_reading_the_ord
     assert not _opened_within(None, now, span)
 
 
-async def test_a_skipped_range_on_an_input_topic_restarts_the_worker_instead_of_being_committed(monkeypatch):
+async def test_a_skipped_range_on_an_input_topic_restarts_the_worker_instead_of_being_committed(monkeypatch, caplog):
     """Faust counts offsets the fetch jumped over as processed; on our input topics the worker
     exits (restart code) before anything past them is acknowledged, unless retention deleted
     them; changelog topics (compacted) keep Faust's behaviour."""
@@ -219,8 +219,9 @@ async def test_a_skipped_range_on_an_input_topic_restarts_the_worker_instead_of_
             return {tp: self.earliest for tp in tps}
 
     c = Consumer()
-    await faust_patches._add_gap(c, TP("signals.approved", 3), 159, 360)
+    await faust_patches._add_gap(c, TP("signals.approved", 3), 159, 360)  # read 158, then 360
     assert exits == [EXIT_STALLED] and gaps == []
+    assert "signals.approved[3]: the fetch skipped offsets 159..359" in caplog.text
     await faust_patches._add_gap(c, TP("execution-orders-changelog", 3), 10, 20)
     assert exits == [EXIT_STALLED] and gaps == [("execution-orders-changelog", 10, 20)]
     c.earliest = 300  # 159..299 deleted by retention: accepted, no restart loop

@@ -1,11 +1,15 @@
-"""app/faust_patches.py (7): a stopping worker cancels what is left and closes its loop at
-once, and the cancelled tasks still unwind (their ``finally`` runs) before the loop closes."""
+"""app/faust_patches.py: (7) a stopping worker cancels what is left and closes its loop at
+once, and the cancelled tasks still unwind (their ``finally`` runs) before the loop closes;
+(8) seeks to the committed offsets do not overlap."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 
+from faust.transport.consumer import Consumer
+from faust.types import TP
 from mode.worker import Worker
 
 from app.faust_patches import install
@@ -38,3 +42,43 @@ def test_a_stopped_worker_cancels_leftover_tasks_lets_them_unwind_and_closes_the
     t.join(30)
     assert not t.is_alive(), "the worker's shutdown hung on a task that never ends"
     assert result == [["leftover"], True]
+
+
+async def test_concurrent_seeks_leave_the_read_offsets_where_the_positions_are():
+    """(8) Faust seeks to the committed offsets from two places that can overlap after a
+    rebalance: its fetch loop (records came back while the flow was stopped) and recovery.
+    Each seek moves the fetch positions partition by partition (an OffsetFetch round trip
+    each, retried while the group rebalances), then sets every read offset at the end.  A
+    slow seek that read a committed offset before a late commit finished after a fresh one:
+    the positions were the fresh seek's, the read offsets the stale one's, and the first
+    record read looked like a gap (the worker restarted; tests/test_chaos.py, two workers)."""
+    install(Settings())
+    tp, other = TP("signals.approved", 0), TP("signals.approved", 1)
+    position: dict[TP, int] = {}
+    late_commit_done = asyncio.Event()
+    committed = {tp: 100, other: 40}
+
+    class Thread:  # what the consumer thread's seek does: seek each partition in turn
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def seek_to_committed(self) -> dict[TP, int]:
+            self.calls += 1
+            seen = {}
+            for i, p in enumerate((tp, other)):
+                if self.calls == 1 and i == 1:
+                    await late_commit_done.wait()  # OffsetFetch retried while the group rebalances
+                seen[p] = position[p] = committed[p]
+                await asyncio.sleep(0)
+            return seen
+
+    thread = Thread()
+    consumer = SimpleNamespace(_read_offset={}, _committed_offset={}, seek_to_committed=thread.seek_to_committed)
+    first = asyncio.create_task(Consumer.perform_seek(consumer))  # reads 100 for tp, then waits
+    await asyncio.sleep(0.01)
+    committed[tp] = 115  # offsets 100..114 processed before the rebalance, committed late
+    second = asyncio.create_task(Consumer.perform_seek(consumer))
+    await asyncio.sleep(0.01)
+    late_commit_done.set()
+    await asyncio.gather(first, second)
+    assert consumer._read_offset == position, "read offsets from one seek, positions from the other"
