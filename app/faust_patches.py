@@ -16,17 +16,21 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
    offsets Faust counts them as processed and commits past them; on our (uncompacted,
    untransactional) input topics that lost signals.  The worker exits instead, to restart
    from its committed offsets.  A safety net: (6) removed the cause found.
-6. **The consumer thread fetches the partitions active when it runs, never all**
+6. **The consumer thread hands over records of partitions active at that moment, never all**
    (``AIOKafkaConsumerThread._fetch_records``): Faust hands its live set of active partitions
    to the consumer thread; when recovery empties it in between, aiokafka takes the empty set
    for "every partition", hands over the paused stream partitions' records, Faust drops them
-   and aiokafka's position has moved past them: the fetch jump behind (5).
+   and aiokafka's position has moved past them: the fetch jump behind (5).  A fetch begun
+   before a rebalance must not hand over, after it, partitions that are paused by then.
 7. **No fixed sleeps at start and stop** (``TableManager.on_start``, mode's ``Worker``): every
    start waited 1 s for tables that might still be defined (ours all are, at import), every
    graceful stop waited 2 s after everything was committed, flushed and closed.
 8. **One seek to the committed offsets at a time** (``Consumer.perform_seek``): two that
    overlapped after a rebalance left the fetch positions of one and the read offsets of the
    other, which looked like skipped offsets to (5) and restarted the worker.
+9. **A paused partition stays paused while its agent's queue drains** (``Consumer``'s
+   ``pause_partitions``, ``on_buffer_full``, ``on_buffer_drop``): a drain made a partition
+   that a rebalance had paused active again, before recovery sought it.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ def install(settings: Settings) -> None:
     Worker._gather_all = _gather_all  # type: ignore[method-assign]
     Worker._sentinel_task = _sentinel_task  # type: ignore[method-assign]
     Consumer.perform_seek = _perform_seek  # type: ignore[method-assign]
+    Consumer.pause_partitions = _pause_partitions  # type: ignore[method-assign]
+    Consumer.on_buffer_full = _on_buffer_full  # type: ignore[method-assign]
+    Consumer.on_buffer_drop = _on_buffer_drop  # type: ignore[method-assign]
     _set_consumer(
         fetch_max_wait_ms=settings.effective("consumer_fetch_max_wait_ms"),
         check_end_offsets=bool(settings.effective("broker_end_offsets_check")),
@@ -288,9 +295,39 @@ async def _add_gap(self: Consumer, tp: Any, offset_from: int, offset_to: int) ->
 # partition sought before the drain went on from past its committed offset: the worker read
 # orders.commands[2] from 522 after seeking to 190, and (5) caught it.  Captured with the 5,000-signal chaos test:
 # "fetched with empty active set: orders.commands[2] 190..521, ... (all paused)", then the gap
-# 191..522.  Here the thread takes a snapshot of the set when it runs and fetches nothing
-# when it is empty; records of a partition paused after the snapshot are still dropped by
-# ``getmany``, but only at a rebalance, whose recovery seeks every stream partition (1).
+# 191..522.  A first fix handed aiokafka a snapshot of the set taken when the call began:
+# the right set at that moment, but aiokafka's ``fetched_records`` waits for records, and
+# when a rebalance begins meanwhile it waits for the new assignment (no timeout) and then
+# goes on with the partitions it was given.  A call begun before a rebalance thus handed
+# over, after it, the records of every stream partition the new assignment kept, still
+# paused for recovery, between two of recovery's per-partition seeks; Faust dropped them, and
+# the partitions already sought went on from past their committed offsets (two workers, one
+# SIGKILLed at a time: "orders.commands[0] skipped 70..113, last read 69"; instrumented, a
+# fetch of all eight stream partitions at 09:17:24.522 with the seeks at .495-.517 and
+# .529-.534).  Here aiokafka gets a view of the live set that is never empty to it and
+# answers "is this partition active" when it hands records over: a partition paused while
+# the call waits gets nothing handed over.  A partition paused between the hand-over and
+# Faust's ``getmany`` (a few lines of the main thread) is still dropped there, but its pause
+# came before recovery's seek of it (1), which puts the position back.
+
+
+class _ActiveNow:
+    """Faust's set of active partitions as aiokafka's ``fetched_records`` reads it: never
+    empty (an empty collection means "every partition" there) and read at each hand-over."""
+
+    __slots__ = ("live",)
+
+    def __init__(self, live: Any) -> None:
+        self.live = live
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, tp: Any) -> bool:
+        return tp in self.live
+
+    def __iter__(self) -> Any:
+        return iter(tuple(self.live))
 
 
 _faust_fetch_records = AIOKafkaConsumerThread._fetch_records
@@ -298,11 +335,13 @@ _faust_fetch_records = AIOKafkaConsumerThread._fetch_records
 
 async def _fetch_records(self: AIOKafkaConsumerThread, consumer: Any, active_partitions: Any,
                          timeout: float | None = None, max_records: int | None = None) -> Any:
-    """Faust's own, given a snapshot of the set; nothing when the snapshot is empty."""
-    partitions = frozenset(active_partitions) if active_partitions is not None else None
-    if partitions is not None and not partitions:
+    """Faust's own, with the live view of the set; nothing when the set is empty as it starts."""
+    if active_partitions is None:  # a client-only app: every partition
+        return await _faust_fetch_records(self, consumer, None, timeout=timeout, max_records=max_records)
+    if not active_partitions:
         return {}
-    return await _faust_fetch_records(self, consumer, partitions, timeout=timeout, max_records=max_records)
+    return await _faust_fetch_records(self, consumer, _ActiveNow(active_partitions), timeout=timeout,
+                                      max_records=max_records)
 
 
 # --- 7. no fixed sleeps at start and stop -------------------------------------------------
@@ -366,3 +405,43 @@ async def _perform_seek(self: Consumer) -> None:
         lock = self._execution_seek_lock = asyncio.Lock()  # type: ignore[attr-defined]
     async with lock:
         await _faust_perform_seek(self)
+
+
+# --- 9. a paused partition stays paused while its agent's queue drains --------------------------
+# When an agent's queue is under pressure Faust stops fetching the partition whose record
+# filled it: ``on_buffer_full`` moves it from the active to the "buffered" set, and
+# ``on_buffer_drop``, called when the queue has drained to half, moves it back to the active
+# set.  Neither looks at the paused set, and pausing does not empty the buffered set.  A
+# rebalance under a backlog pauses every stream partition until recovery has sought it to
+# its committed offset (1), and clears the agents' queues; the queue's next read then runs
+# the pending drain callbacks, which can make a paused, buffered partition active again: the
+# consumer thread fetches it and Faust's ``getmany`` (which passes on records of active *or
+# buffered* partitions) hands its records to the agent before the seek: a false gap as in
+# (6) and (8), or, for a partition already sought, a jump past its committed offset.  Found
+# by reading Faust's code while chasing (6), not seen in a log (the instrumented runs logged
+# no such drain at the failures (6) explains).  Here pausing a partition takes it out of the
+# buffered set too, a paused partition is never marked buffered, and a drain does not make
+# one active: only ``resume_partitions`` does.
+
+
+_faust_pause_partitions = Consumer.pause_partitions
+_faust_on_buffer_full = Consumer.on_buffer_full
+_faust_on_buffer_drop = Consumer.on_buffer_drop
+
+
+def _pause_partitions(self: Consumer, tps: Any) -> None:
+    tpset = set(tps)
+    _faust_pause_partitions(self, tpset)
+    self._buffered_partitions.difference_update(tpset)
+
+
+def _on_buffer_full(self: Consumer, tp: Any) -> None:
+    if tp not in self._paused_partitions:
+        _faust_on_buffer_full(self, tp)
+
+
+def _on_buffer_drop(self: Consumer, tp: Any) -> None:
+    if tp in self._paused_partitions:
+        self._buffered_partitions.discard(tp)
+        return
+    _faust_on_buffer_drop(self, tp)

@@ -1,6 +1,7 @@
 """app/faust_patches.py: (7) a stopping worker cancels what is left and closes its loop at
 once, and the cancelled tasks still unwind (their ``finally`` runs) before the loop closes;
-(8) seeks to the committed offsets do not overlap."""
+(8) seeks to the committed offsets do not overlap; (9) a paused partition stays paused while its
+agent's queue drains."""
 
 from __future__ import annotations
 
@@ -82,3 +83,38 @@ async def test_concurrent_seeks_leave_the_read_offsets_where_the_positions_are()
     late_commit_done.set()
     await asyncio.gather(first, second)
     assert consumer._read_offset == position, "read offsets from one seek, positions from the other"
+
+
+def test_a_paused_partition_stays_paused_while_its_agents_queue_drains():
+    """(9) Under a backlog Faust stops fetching a partition whose agent's queue is full
+    ("buffered") and fetches it again once the queue has drained.  A rebalance pauses every
+    stream partition until recovery has sought it to its committed offset; a drain in
+    between made a buffered partition active again, so its records were fetched and passed
+    on before the seek (and looked like skipped offsets after it)."""
+    install(Settings())
+    tp = TP("signals.approved", 0)
+
+    class Stub:  # the consumer's partition sets, as Faust keeps them
+        def __init__(self) -> None:
+            self._active_partitions = {tp}
+            self._paused_partitions: set = set()
+            self._buffered_partitions: set = set()
+            self.app = SimpleNamespace(in_recovery=False)
+
+        def _get_active_partitions(self) -> set:
+            return self._active_partitions
+
+        def fetched(self) -> bool:  # what the fetch asks for and what getmany passes on
+            return tp in self._active_partitions or tp in self._buffered_partitions
+
+    c = Stub()
+    Consumer.on_buffer_full(c, tp)  # the orders agent's queue is full: not fetched, held records passed on
+    assert tp not in c._active_partitions and tp in c._buffered_partitions
+    Consumer.pause_partitions(c, {tp})  # a rebalance
+    assert not c.fetched()
+    Consumer.on_buffer_drop(c, tp)  # the queue drains (cleared for the rebalance)
+    assert not c.fetched(), "a paused partition was made active by its queue draining"
+    Consumer.on_buffer_full(c, tp)  # a full queue while paused does not make it "buffered"
+    assert not c.fetched()
+    Consumer.resume_partitions(c, {tp})  # recovery has sought it: now it is fetched again
+    assert c._active_partitions == {tp} and c.fetched()
