@@ -388,10 +388,12 @@ async def _sentinel_task(self: Worker) -> None:
 # where the other put it and the read offset where it read it: a worker that had just been
 # sought and resumed read signals.approved[0] at 114 with its read offset at 100, took
 # 101..113 for a gap, and (5) restarted it (tests/test_chaos.py, two workers, one SIGKILLed
-# at a time; the log fits this sequence, tests/test_faust_patches.py reproduces the race on
-# Faust's own perform_seek).  Read offset behind the position: a false gap and a needless
-# restart; ahead of it: the records between are skipped as already read (harmless only
-# because a committed offset lies behind them).
+# at a time).  That log fits this sequence and fits (6)'s second cause as well; instrumented
+# runs showed two seeks after most rebalances, the fetch loop's finishing as late as 6 s
+# after the revoke; tests/test_faust_patches.py reproduces the race on Faust's own
+# perform_seek.  Read offset behind the position: a false gap and a needless restart; ahead
+# of it: the records between are skipped as already read (harmless only because a committed
+# offset lies behind them).
 # Here a seek waits for the one before it, so positions and read offsets come from the same
 # OffsetFetch answers; the later seek wins both.
 
