@@ -15,7 +15,7 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
 5. **No skipped offsets on input topics** (``Consumer._add_gap``): when the fetch jumps over
    offsets Faust counts them as processed and commits past them; on our (uncompacted,
    untransactional) input topics that lost signals.  The worker exits instead, to restart
-   from its committed offsets.  A safety net: (6) removed the cause found.
+   from its committed offsets.  A safety net: (6) and (8) removed the causes found.
 6. **The consumer thread hands over records of partitions active at that moment, never all**
    (``AIOKafkaConsumerThread._fetch_records``): Faust hands its live set of active partitions
    to the consumer thread; when recovery empties it in between, aiokafka takes the empty set
@@ -29,8 +29,8 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
    overlapped after a rebalance left the fetch positions of one and the read offsets of the
    other, which looked like skipped offsets to (5) and restarted the worker.
 9. **A paused partition stays paused while its agent's queue drains** (``Consumer``'s
-   ``pause_partitions``, ``on_buffer_full``, ``on_buffer_drop``): a drain made a partition
-   that a rebalance had paused active again, before recovery sought it.
+   ``pause_partitions``, ``on_buffer_full``, ``on_buffer_drop``): a drain could make a
+   partition that a rebalance had paused active again, before recovery sought it.
 """
 
 from __future__ import annotations
