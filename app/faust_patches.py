@@ -29,7 +29,7 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
    overlapped after a rebalance left the fetch positions of one and the read offsets of the
    other, which looked like skipped offsets to (5) and restarted the worker.
 9. **A paused partition stays paused while its agent's queue drains** (``Consumer``'s
-   ``pause_partitions``, ``on_buffer_full``, ``on_buffer_drop``): a drain could make a
+   ``pause_partitions``, ``on_buffer_full``): a drain could make a
    partition that a rebalance had paused active again, before recovery sought it.
 """
 
@@ -74,7 +74,6 @@ def install(settings: Settings) -> None:
     Consumer.perform_seek = _perform_seek  # type: ignore[method-assign]
     Consumer.pause_partitions = _pause_partitions  # type: ignore[method-assign]
     Consumer.on_buffer_full = _on_buffer_full  # type: ignore[method-assign]
-    Consumer.on_buffer_drop = _on_buffer_drop  # type: ignore[method-assign]
     _set_consumer(
         fetch_max_wait_ms=settings.effective("consumer_fetch_max_wait_ms"),
         check_end_offsets=bool(settings.effective("broker_end_offsets_check")),
@@ -354,7 +353,8 @@ async def _fetch_records(self: AIOKafkaConsumerThread, consumer: Any, active_par
 # another second before closing the loop: 2 s of every graceful stop, a rolling restart or a
 # rebalance handed over to a stopping pod waits for nothing.  Here the tasks get 0.1 s, and
 # the cancelled ones a few loop turns to unwind.  Together with the local profile's shorter
-# session (``broker_session_timeout``), a SIGKILLed worker is back in 4 to 5 s instead of 13.
+# session (``broker_session_timeout``), a worker starts in 3.6 s instead of 6.2, stops in 0.4 s
+# instead of 2.3, and a SIGKILLed one is back in 9.5 s instead of 13.
 
 
 async def _table_manager_on_start(self: TableManager) -> None:
@@ -422,13 +422,13 @@ async def _perform_seek(self: Consumer) -> None:
 # (6) and (8), or, for a partition already sought, a jump past its committed offset.  Found
 # by reading Faust's code while chasing (6), not seen in a log (the instrumented runs logged
 # no such drain at the failures (6) explains).  Here pausing a partition takes it out of the
-# buffered set too, a paused partition is never marked buffered, and a drain does not make
-# one active: only ``resume_partitions`` does.
+# buffered set too and a paused partition is never marked buffered, so a drain, which only
+# re-activates buffered partitions, cannot make a paused one active: only
+# ``resume_partitions`` does.
 
 
 _faust_pause_partitions = Consumer.pause_partitions
 _faust_on_buffer_full = Consumer.on_buffer_full
-_faust_on_buffer_drop = Consumer.on_buffer_drop
 
 
 def _pause_partitions(self: Consumer, tps: Any) -> None:
@@ -440,10 +440,3 @@ def _pause_partitions(self: Consumer, tps: Any) -> None:
 def _on_buffer_full(self: Consumer, tp: Any) -> None:
     if tp not in self._paused_partitions:
         _faust_on_buffer_full(self, tp)
-
-
-def _on_buffer_drop(self: Consumer, tp: Any) -> None:
-    if tp in self._paused_partitions:
-        self._buffered_partitions.discard(tp)
-        return
-    _faust_on_buffer_drop(self, tp)

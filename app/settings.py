@@ -65,10 +65,9 @@ class Settings(BaseSettings):
     # --- broker tuning: None means "the profile's value" ------------------------------
     #: Tansu (local profile): a consumer group join waits for half the session timeout before
     #: it completes, so Faust's production default of 60 s makes every start and rebalance
-    #: take 30 s.  Locally a 4 s session with a 1 s heartbeat: a join takes 2 s, and a
-    #: SIGKILLed worker's session has expired by the time its restart joins, so it is back in
-    #: about 4 s (13 s with a 6 s session: the join, then a second one once the dead member
-    #: expired).  Real Kafka keeps Faust's defaults.
+    #: take 30 s.  Locally a 4 s session with a 1 s heartbeat: a join takes 2 s; a SIGKILLed
+    #: worker's restart joins, then joins again once the dead member's session has expired,
+    #: and is back in about 10 s (13 s with a 6 s session).  Real Kafka keeps Faust's defaults.
     broker_session_timeout: float | None = None
     broker_rebalance_timeout: float | None = None
     broker_heartbeat_interval: float | None = None

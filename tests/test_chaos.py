@@ -111,7 +111,7 @@ async def check_nothing_lost_or_doubled(p: Pipeline, sink: ClickHouseSink, store
                    for r in store.query_dicts("SELECT account, symbol, net_volume, version FROM positions")}
     assert ch_versions == {k: (to_units(v.net_volume), v.version) for k, v in positions.items()}
     # The safety net for skipped offsets (app/faust_patches.py, 5) must not have been needed:
-    # it fired after restarts until its cause was fixed (6); a restart it forces hides a loss.
+    # it fired after restarts until its causes were fixed (6, 8); a restart it forces hides a loss.
     worker_log = "\n".join(svc.log_text() for svc in p.services.running.values() if svc.argv[0] == "worker")
     skipped = [line for line in worker_log.splitlines() if "the fetch skipped offsets" in line]
     print(f"worker starts: {worker_log.count('Worker ready')}, stall-watchdog restarts: "
