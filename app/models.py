@@ -15,7 +15,7 @@ import math
 import re
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -136,17 +136,45 @@ class ApprovedSignal(Model):
         return self
 
 
-class Fill(Model):
-    """A deal reported by the broker on ``mt5.fills.{symbol}``, keyed by the client order id."""
+#: ``Fill.entry``: the deal opened or added to a position (in), reduced or closed it (out),
+#: or reversed it (inout).
+DealEntry = Literal["in", "out", "inout"]
+#: ``Fill.reason`` (MT5 ``DEAL_REASON_*``): ``expert`` a deal of an order sent through the
+#: connector (ours, or another program's), ``client`` an order placed at a terminal by hand
+#: (desktop, mobile, web), ``sl`` / ``tp`` the position's stop-loss / take-profit triggered,
+#: ``stop_out`` the broker closed the position for want of margin.
+DealReason = Literal["expert", "client", "sl", "tp", "stop_out"]
+#: Deal reasons of exits the broker or a person made: the deal belongs to no order of ours,
+#: it reduces the position that ``Fill.position`` names.
+EXIT_REASONS = frozenset({"client", "sl", "tp", "stop_out"})
 
-    order_id: str = Field(min_length=1, max_length=64)  # the client order id (MT5 comment)
-    deal: int = Field(gt=0)  # broker deal ticket: unique per fill, the dedupe key
-    ticket: int | None = Field(None, gt=0)  # broker order ticket
+
+class Fill(Model):
+    """A broker deal, as the connector publishes it on ``mt5.fills.{symbol}`` and the bridge
+    forwards it to the ``fills`` topic (key ``order_id``).
+
+    ``order_id`` is the client order id (MT5 comment) of the order the deal belongs to; for
+    an exit the broker made (SL, TP, stop-out) or a close at the terminal, it is the client
+    order id of the order that **opened the position** (``position`` is that order's ticket),
+    so the exit is routed to the partition of the order it closes.  A deal of another magic
+    number (a manual trade, another robot) carries whatever comment it had, possibly none.
+    """
+
+    order_id: str = Field("", max_length=64)  # client order id (MT5 comment); "" only on foreign deals
+    deal: int = Field(gt=0)  # broker deal ticket: unique per deal, the dedupe key everywhere
+    ticket: int | None = Field(None, gt=0)  # broker order ticket of the deal's order
     symbol: str
     side: Side
     price: float
     volume: float = Field(gt=0, le=MAX_LOTS)
     time: datetime
+    account: str = Field("default", min_length=1, max_length=64)
+    magic: int = Field(0, ge=0)
+    entry: DealEntry = "in"
+    reason: DealReason = "expert"
+    position: int | None = Field(None, gt=0)  # MT5 DEAL_POSITION_ID: the position's ticket
+    profit: float = 0.0  # the deal's profit in ``currency`` (0 for an entry in)
+    currency: str = Field("USD", min_length=3, max_length=3)  # the account's deposit currency
 
     @field_validator("symbol")
     @classmethod
@@ -157,6 +185,16 @@ class Fill(Model):
     @classmethod
     def _p(cls, v: float) -> float:
         return _price(v, "price")  # type: ignore[return-value]
+
+    @property
+    def is_exit(self) -> bool:
+        """An exit made by the broker or by hand: reduces a position, fills no order of ours."""
+        return self.reason in EXIT_REASONS
+
+    @property
+    def routing_key(self) -> str:
+        """The ``fills`` topic key: the order id, or ``deal-{deal}`` for a deal without one."""
+        return self.order_id or f"deal-{self.deal}"
 
 
 # --------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ class SymbolSpec(BaseModel):
     pip_size: float = Field(gt=0)
     contract_size: float = Field(gt=0)
     quote_currency: str = Field(pattern=r"^[A-Z]{3}$")
+    #: The broker expires pending orders of this symbol itself (MT5 SYMBOL_EXPIRATION_MODE
+    #: allows DAY and SPECIFIED).  False: orders go GTC and the service expires them.
+    broker_expiry: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -151,7 +154,8 @@ BUILTIN: Mapping[str, Mapping[str, Any]] = {
     **{s: _fx(s, 5) for s in ("EURUSD", "GBPUSD", "AUDUSD", "NZDUSD", "USDCHF", "USDCAD", "EURGBP", "EURCHF")},
     **{s: _fx(s, 3) for s in ("USDJPY", "EURJPY", "GBPJPY", "AUDJPY")},
     "XAUUSD": {"symbol": "XAUUSD", "digits": 2, "pip_size": 0.1, "contract_size": 100.0},
-    "XAGUSD": {"symbol": "XAGUSD", "digits": 3, "pip_size": 0.01, "contract_size": 5_000.0},
+    # Silver: many brokers take no expiration on metals; the service expires them itself.
+    "XAGUSD": {"symbol": "XAGUSD", "digits": 3, "pip_size": 0.01, "contract_size": 5_000.0, "broker_expiry": False},
 }
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 import nats.errors
 from pydantic import Field
 
-from app.models import DecodeError, Fill, Model, from_json, to_json, utcnow
+from app.models import DealEntry, DecodeError, Fill, Model, from_json, to_json, utcnow
 
 # --------------------------------------------------------------------------------------
 # Subjects
@@ -29,6 +29,8 @@ from app.models import DecodeError, Fill, Model, from_json, to_json, utcnow
 SUBMIT = "mt5.orders.submit"
 #: Request/reply: a :class:`CancelRequest` -> a :class:`TradeResult`.
 CANCEL = "mt5.orders.cancel"
+#: Request/reply: a :class:`ModifyRequest` -> a :class:`TradeResult`.
+MODIFY = "mt5.orders.modify"
 #: Request/reply: a :class:`StatusQuery` -> an :class:`OrderStatus`.
 STATUS = "mt5.orders.status"
 #: Request/reply: a :class:`PositionsQuery` -> a :class:`PositionsSnapshot`.
@@ -212,7 +214,6 @@ ORDER_TIME_GTC, ORDER_TIME_SPECIFIED = OrderTime.GTC, OrderTime.SPECIFIED
 #: ``OrderStatus.state`` values.
 BrokerOrderState = Literal["placed", "partially_filled", "filled", "cancelled", "rejected", "expired"]
 FINAL_BROKER_STATES = frozenset({"filled", "cancelled", "rejected", "expired"})
-DealEntry = Literal["in", "out", "inout"]
 
 
 # --------------------------------------------------------------------------------------
@@ -239,6 +240,10 @@ class TradeRequest(Model):
     type_filling: Filling = Filling.RETURN
     type_time: OrderTime = OrderTime.GTC
     expiration: datetime | None = None  # with type_time SPECIFIED
+    #: A close: the ticket of the position this deal reduces (MqlTradeRequest.position).  The
+    #: order must be on the other side of the position and at most its volume (10038); a
+    #: position already closed answers 10036.  0: an ordinary order.
+    position: int = Field(0, ge=0)
     magic: int = Field(0, ge=0)
     comment: str = Field(min_length=1, max_length=MAX_COMMENT)
     account: str = Field("default", min_length=1, max_length=64)
@@ -279,13 +284,29 @@ class StatusQuery(Model):
     account: str = Field("default", min_length=1, max_length=64)
 
 
-class DealEvent(Fill):
-    """A deal, as published on ``mt5.fills.{symbol}``: a :class:`app.models.Fill` (which
-    ignores the extra fields) plus the account, the magic and the deal's entry."""
+#: A deal event on ``mt5.fills.{symbol}`` is an :class:`app.models.Fill`: one model, one name.
+DealEvent = Fill
 
-    account: str = "default"
-    magic: int = 0
-    entry: DealEntry = "in"
+
+class ModifyRequest(Model):
+    """Change a working order, found by magic + comment (``TRADE_ACTION_MODIFY``): its price,
+    stop-limit price, SL, TP or expiration; or, once the order has filled, the SL/TP of the
+    position it opened (``TRADE_ACTION_SLTP``).  With ``position`` set, the SL/TP of that
+    position, whatever the comment.  A field left None keeps its value; 0 removes an SL/TP.
+
+    Answers: 10009 DONE; 10025 NO_CHANGES; 10015 / 10016 for a price or stops on the wrong
+    side of the market; 10013 for an unknown order; 10036 when the position is closed;
+    10035 for a price change of a filled order (only SL/TP can change then)."""
+
+    magic: int = Field(0, ge=0)
+    comment: str = Field(min_length=1, max_length=MAX_COMMENT)
+    account: str = Field("default", min_length=1, max_length=64)
+    position: int = Field(0, ge=0)
+    price: float | None = None
+    stoplimit: float | None = None
+    sl: float | None = None
+    tp: float | None = None
+    expiration: datetime | None = None
 
 
 class OrderStatus(Model):
@@ -308,6 +329,7 @@ class OrderStatus(Model):
 
 class PositionsQuery(Model):
     account: str | None = None  # None: every account
+    magic: int | None = None  # None: every magic number
 
 
 class BrokerPositionModel(Model):
@@ -317,6 +339,10 @@ class BrokerPositionModel(Model):
     symbol: str
     net_volume: float  # lots, + long / - short
     avg_price: float | None = None
+    magic: int = 0  # positions are netted per (account, symbol, magic)
+    ticket: int = 0  # the position's ticket (the ticket of the order that opened it)
+    sl: float = 0.0
+    tp: float = 0.0
 
     def as_tuple(self) -> tuple[str, str, float, float | None]:
         return (self.account, self.symbol, self.net_volume, self.avg_price)
@@ -375,10 +401,13 @@ class MT5Client:
         req = CancelRequest(magic=magic, comment=comment, account=account)
         return await self._request(CANCEL, to_json(req), TradeResult)  # type: ignore[return-value]
 
+    async def modify(self, req: ModifyRequest) -> TradeResult:
+        return await self._request(MODIFY, to_json(req), TradeResult)  # type: ignore[return-value]
+
     async def status(self, magic: int, comment: str, account: str = "default") -> OrderStatus:
         q = StatusQuery(magic=magic, comment=comment, account=account)
         return await self._request(STATUS, to_json(q), OrderStatus)  # type: ignore[return-value]
 
-    async def positions(self, account: str | None = None) -> PositionsSnapshot:
-        q = PositionsQuery(account=account)
+    async def positions(self, account: str | None = None, magic: int | None = None) -> PositionsSnapshot:
+        q = PositionsQuery(account=account, magic=magic)
         return await self._request(POSITIONS, to_json(q), PositionsSnapshot)  # type: ignore[return-value]
