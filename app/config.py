@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models import OrderType
+from app.models import OrderType, TimeInForce
 
 
 class _Section(BaseModel):
@@ -21,6 +21,12 @@ class OrderDefaults(_Section):
     enable_stop_orders: bool = True
     #: Maximum acceptable slippage for market orders; becomes MT5 ``deviation`` in points.
     max_slippage_pips: float = Field(3, ge=0, le=1000)
+    #: Time in force of a pending order whose signal names none (GTC, DAY, GTD).
+    default_time_in_force: TimeInForce = TimeInForce.GTC
+    #: A signal older than this when the orders agent reaches it is not traded (REJECTED,
+    #: reason ``stale``): its price is history.  Age from the signal's ``approved_at``, else
+    #: from when the bridge forwarded it.
+    max_signal_age_seconds: float = Field(30, gt=0, le=86_400)
 
 
 class Idempotency(_Section):
@@ -56,7 +62,16 @@ class Submission(_Section):
     stuck_check_interval_seconds: float = Field(5, gt=0)
 
 
+class Trading(_Section):
+    #: The halt switch: false refuses every new order (REJECTED, reason ``halted``) while
+    #: cancels, closes and fills go on.
+    trading_enabled: bool = True
+    #: Only orders that reduce a position are sent; the others are REJECTED (``reduce_only``).
+    reduce_only: bool = False
+
+
 class Operational(_Section):
+    trading: Trading = Trading()
     order_defaults: OrderDefaults = OrderDefaults()
     idempotency: Idempotency = Idempotency()
     fill_tracking: FillTracking = FillTracking()

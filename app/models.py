@@ -48,6 +48,22 @@ class OrderType(str, Enum):
     STOP_LIMIT = "stop_limit"
 
 
+class TimeInForce(str, Enum):
+    """How long a pending order works: until cancelled, until the end of the trading day
+    (UTC), or until the signal's ``expires_at``."""
+
+    GTC = "GTC"
+    DAY = "DAY"
+    GTD = "GTD"
+
+
+class OrderIntent(str, Enum):
+    """Why an order exists: to trade a signal, or to close (part of) a position."""
+
+    OPEN = "open"
+    CLOSE = "close"
+
+
 class OrderState(str, Enum):
     PENDING = "PENDING"
     SUBMITTED = "SUBMITTED"
@@ -97,6 +113,13 @@ class ApprovedSignal(Model):
     account: str = Field("default", min_length=1, max_length=64)
     strategy: str | None = Field(None, max_length=64)
     approved_at: datetime | None = None
+    time_in_force: TimeInForce | None = None  # pending orders; None: the configured default
+    expires_at: datetime | None = None  # with GTD
+
+    @field_validator("approved_at", "expires_at")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        return v if v is None or v.tzinfo is not None else v.replace(tzinfo=timezone.utc)
 
     @field_validator("symbol")
     @classmethod
@@ -133,6 +156,10 @@ class ApprovedSignal(Model):
     def _stop_limit(self) -> "ApprovedSignal":
         if self.order_type is OrderType.STOP_LIMIT and (self.trigger_price is None or self.limit_price is None):
             raise ValueError("a stop_limit order needs trigger_price and limit_price")
+        if self.time_in_force is TimeInForce.GTD and self.expires_at is None:
+            raise ValueError("expires_at: a GTD order needs expires_at")
+        if self.expires_at is not None and self.time_in_force not in (TimeInForce.GTD, None):
+            raise ValueError(f"expires_at: only a GTD order takes expires_at, not {self.time_in_force.value}")
         return self
 
 
@@ -283,6 +310,17 @@ class EventType(str, Enum):
     DUPLICATE_SIGNAL = "duplicate_signal"
     SLIPPAGE_ALERT = "slippage_alert"
     POSITION_CORRECTED = "position_corrected"
+    #: A command (cancel, modify, close, expire) accepted, refused, or delivered again.
+    COMMAND_ACCEPTED = "command_accepted"
+    COMMAND_REFUSED = "command_refused"
+    DUPLICATE_COMMAND = "duplicate_command"
+    #: The broker confirmed a modify: the order's (or its position's) prices changed.
+    MODIFIED = "modified"
+    #: A deal the broker or a person made that reduced the position this order opened
+    #: (stop-loss, take-profit, stop-out, a close at the terminal).
+    POSITION_EXIT = "position_exit"
+    #: A deal of another magic number (a manual trade, another robot): reported, not applied.
+    FOREIGN_DEAL = "foreign_deal"
 
 
 class Order(Model):
@@ -311,6 +349,12 @@ class Order(Model):
     retcode: int | None = None
     reason: str | None = None
     attempts: int = 0  # submissions sent to the broker
+    intent: OrderIntent = OrderIntent.OPEN
+    time_in_force: TimeInForce = TimeInForce.GTC
+    expires_at: datetime | None = None  # when a DAY or GTD order stops working
+    position_ticket: int | None = None  # the broker position this order opened or closes
+    #: Ids of the commands applied to this order, newest last (bounded): a repeat acts once.
+    commands: tuple[str, ...] = ()
     version: int = 0  # number of lifecycle events applied
     created_at: datetime
     updated_at: datetime
@@ -362,6 +406,12 @@ class Execution(Model):
     avg_fill_price: float  # order's VWAP after this fill
     order_state: OrderState  # order's state after this fill
     time: datetime  # broker deal time
+    entry: DealEntry = "in"
+    reason: DealReason = "expert"
+    position: int | None = None  # broker position ticket
+    profit: float = 0.0  # the broker's profit of this deal, in ``currency``
+    currency: str = "USD"
+    magic: int = 0
 
 
 class Position(Model):
@@ -372,7 +422,9 @@ class Position(Model):
     net_volume: float = 0.0  # lots, + long / - short
     avg_open_price: float | None = None  # of the open net volume; None when flat
     realized_pnl_price: float = 0.0  # sum of (close - open) x lots x direction: price terms
-    realized_pnl: float = 0.0  # realized_pnl_price x contract_size: quote (account) currency
+    realized_pnl: float = 0.0  # sum of the broker's deal profit, in ``currency``
+    currency: str = "USD"  # the account currency of realized_pnl
+    ticket: int | None = None  # the broker's position ticket (from the last deal)
     fills: int = 0
     last_deal: int | None = None
     deals: tuple[int, ...] = ()  # recent deal tickets applied (bounded): dedupe on replay
@@ -401,6 +453,15 @@ class CommandKind(str, Enum):
     BROKER_STATUS = "broker_status"
     #: A ``signal_orders`` entry is past the idempotency window: remove it (a tombstone).
     EXPIRE_SIGNAL = "expire_signal"
+    #: From ops and upstream services (HTTP, NATS, CLI): ``command_id`` makes a repeat act once.
+    CANCEL = "cancel"  # key order_id
+    MODIFY = "modify"  # key order_id; payload: ModifyOrder
+    CLOSE_POSITION = "close_position"  # key "{account}:{symbol}"; payload: ClosePosition
+    #: The order's time in force ran out (the service's timer).
+    EXPIRE = "expire"
+    #: The connector's answer to a cancel / modify: ``payload`` the TradeResult (or no_reply).
+    CANCEL_RESULT = "cancel_result"
+    MODIFY_RESULT = "modify_result"
 
 
 class OrderCommand(Model):
@@ -412,3 +473,44 @@ class OrderCommand(Model):
     attempt: int = 0
     payload: dict[str, Any] = Field(default_factory=dict)
     at: datetime
+    command_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
+    source: str | None = Field(None, max_length=64)  # who asked: http, nats, cli, system
+
+
+class ModifyOrder(Model):
+    """``POST /orders/{order_id}/modify``: any of the order's price (the limit price of a
+    limit, the trigger of a stop or stop-limit), stop-loss and take-profit.  SL/TP of a
+    filled order move the SL/TP of the position it opened."""
+
+    price: float | None = None
+    stop_loss: float | None = None
+    take_profit: float | None = None
+    command_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
+
+    @field_validator("price", "stop_loss", "take_profit")
+    @classmethod
+    def _prices(cls, v: float | None, info: Any) -> float | None:
+        return _price(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _something(self) -> "ModifyOrder":
+        if self.price is None and self.stop_loss is None and self.take_profit is None:
+            raise ValueError("give at least one of price, stop_loss, take_profit")
+        return self
+
+    def changes(self) -> dict[str, float]:
+        return {k: v for k, v in (("price", self.price), ("stop_loss", self.stop_loss),
+                                   ("take_profit", self.take_profit)) if v is not None}
+
+
+class ClosePosition(Model):
+    """``POST /positions/{account}/{symbol}/close``: all of the position, or ``volume`` lots."""
+
+    volume: float | None = Field(None, gt=0, le=MAX_LOTS)
+    command_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
+
+
+class CancelOrder(Model):
+    """``POST /orders/{order_id}/cancel``."""
+
+    command_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
