@@ -8,7 +8,10 @@ crash between the Kafka ack and the NATS ack) and are removed downstream by the 
 agents' dedupe tables.
 
 Invalid messages go to the route's dead-letter topic with the original bytes as the value
-and the subject and reason as headers, and are then acknowledged.  A payload larger than
+and the subject and reason as headers, and are then acknowledged.  A dead letter is keyed
+like the record it stands for whenever the payload is a JSON object that names a valid id
+(``signal_id``; for fills ``order_id``, else ``deal-{deal}``), so it lands on the same
+partition; otherwise it has no key.  A payload larger than
 ``max_payload`` (64 KiB: a signal or a fill is a few hundred bytes) is invalid whatever it
 holds.  A dead letter keeps at most ``MAX_DEAD_LETTER_BYTES`` of the original (NATS allows
 larger messages than a Kafka record); a cut one carries the headers ``truncated``,
@@ -25,13 +28,16 @@ closes its clients.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 import nats
+import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 from nats.js.api import (
@@ -74,6 +80,46 @@ class Route:
     dlq_topic: str
     model: type[BaseModel]
     key: Callable[[BaseModel], str]
+    #: The key of a dead letter, from the raw payload (a dict, when it is a JSON object).
+    dead_letter_key: Callable[[dict], str | None] = lambda d: None
+
+
+#: What a Kafka key taken from an unvalidated payload must look like (``ApprovedSignal.signal_id``).
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+_ID_MAX = 128
+
+
+def valid_id(v: object) -> str | None:
+    """``v`` if it is a non-empty id string of at most 128 of ``[A-Za-z0-9_.:-]``, else None."""
+    return v if isinstance(v, str) and len(v) <= _ID_MAX and _ID_RE.fullmatch(v) else None
+
+
+def signal_dead_letter_key(d: dict) -> str | None:
+    return valid_id(d.get("signal_id"))
+
+
+def fill_dead_letter_key(d: dict) -> str | None:
+    """The ``fills`` key a valid fill would have had: the order id, else ``deal-{deal}``."""
+    order_id = valid_id(d.get("order_id"))
+    if order_id:
+        return order_id
+    deal = d.get("deal")
+    if isinstance(deal, int) and not isinstance(deal, bool) and deal > 0:
+        return f"deal-{deal}"
+    return None
+
+
+def payload_object(raw: bytes) -> dict | None:
+    """The payload as a dict if it is a JSON object (NaN/Infinity literals allowed, as in
+    :func:`app.models.from_json`), else None."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            data = json.loads(raw)
+        except (ValueError, TypeError, RecursionError):
+            return None
+    return data if isinstance(data, dict) else None
 
 
 ROUTES: tuple[Route, ...] = (
@@ -85,6 +131,7 @@ ROUTES: tuple[Route, ...] = (
         dlq_topic=SIGNALS_DLQ,
         model=ApprovedSignal,
         key=lambda s: s.signal_id,  # type: ignore[attr-defined]
+        dead_letter_key=signal_dead_letter_key,
     ),
     Route(
         name="bridge-mt5-fills",
@@ -93,7 +140,8 @@ ROUTES: tuple[Route, ...] = (
         topic=FILLS,
         dlq_topic=FILLS_DLQ,
         model=Fill,
-        key=lambda f: f.order_id,  # type: ignore[attr-defined]
+        key=lambda f: f.routing_key,  # type: ignore[attr-defined]  # order_id or deal-{deal}
+        dead_letter_key=fill_dead_letter_key,
     ),
 )
 
@@ -255,7 +303,10 @@ class Bridge:
             ("route", route.name.encode()),
         ]
         value, extra = dead_letter_value(msg.data)
-        return await self._producer.send(route.dlq_topic, value, headers=headers + extra)
+        obj = payload_object(msg.data)
+        key = route.dead_letter_key(obj) if obj is not None else None
+        return await self._producer.send(
+            route.dlq_topic, value, key=key.encode() if key else None, headers=headers + extra)
 
 
 async def ensure_stream(js, name: str, subjects: list[str]) -> None:

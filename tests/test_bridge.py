@@ -176,3 +176,70 @@ async def test_bridge_killed_midway_loses_nothing(settings, stack, child_env, tm
 async def _between(value_coro, lo: int, hi: int) -> bool:
     v = await value_coro
     return lo <= v <= hi
+
+
+def _fill(order_id: str | None, deal, **kw) -> dict:
+    d = {"deal": deal, "symbol": "EURUSD", "side": "buy", "price": 1.0851, "volume": 0.1,
+         "time": "2024-05-01T12:00:00Z", **kw}
+    if order_id is not None:
+        d["order_id"] = order_id
+    return d
+
+
+async def test_dead_letters_are_keyed_by_the_payloads_valid_id(settings, stack):
+    """signals.dlq is keyed by the payload's signal_id and fills.dlq by its order_id (else
+    ``deal-{deal}``) when the payload is a JSON object holding a valid one; otherwise no key.
+    A valid fill without an order id is forwarded keyed ``deal-{deal}``."""
+    from app.topics import FILLS, FILLS_DLQ
+
+    rng = random.Random(5)
+    ok = signal_dict("k-ok", rng, symbol="EURUSD")
+    signals: list[tuple[bytes, bytes | None]] = [  # (payload, expected key)
+        (orjson.dumps({**ok, "signal_id": "k-1", "symbol": None}), b"k-1"),
+        (orjson.dumps({**ok, "signal_id": "k.2:x_Y-z", "position_size": -1}), b"k.2:x_Y-z"),
+        (orjson.dumps({**ok, "signal_id": "k" * 128, "position_size": -1}), b"k" * 128),
+        (orjson.dumps({"signal_id": "k-big", "pad": "x" * 70_000}), b"k-big"),  # over the size limit
+        (b'{"signal_id": "k-nan", "entry_price": NaN}', b"k-nan"),
+        (orjson.dumps({**ok, "signal_id": "k" * 129}), None),
+        (orjson.dumps({**ok, "signal_id": "bad id"}), None),
+        (orjson.dumps({**ok, "signal_id": ""}), None),
+        (orjson.dumps({**ok, "signal_id": 123}), None),
+        (orjson.dumps({k: v for k, v in ok.items() if k != "signal_id"}), None),
+        (orjson.dumps([{"signal_id": "k-list"}]), None),
+        (b'{"signal_id": "k-broken", ', None),
+    ]
+    fills: list[tuple[bytes, bytes | None]] = [
+        (orjson.dumps(_fill("ord-1", 11, price=None)), b"ord-1"),
+        (orjson.dumps(_fill("", 12, volume=0)), b"deal-12"),
+        (orjson.dumps(_fill(None, 13, side="up")), b"deal-13"),
+        (orjson.dumps(_fill("a b", 14, volume=-1)), b"deal-14"),
+        (orjson.dumps(_fill(None, -1)), None),
+        (orjson.dumps(_fill(None, "15", volume=0)), None),
+        (orjson.dumps(_fill(None, True, volume=0)), None),
+        (orjson.dumps(_fill(None, 1.5, volume=0)), None),
+        (b"[]", None),
+    ]
+    good_fills = [(orjson.dumps(_fill("", 21)), b"deal-21"), (orjson.dumps(_fill("ord-2", 22)), b"ord-2")]
+    items = [("signals.approved.EURUSD", p) for p, _ in signals]
+    items += [("mt5.fills.EURUSD", p) for p, _ in fills + good_fills]
+
+    bridge = Bridge(settings)
+    await bridge.start()
+    try:
+        await publish(stack.nats_url, items)
+        sig_dlq = await read_topic(settings, SIGNALS_DLQ, expect=len(signals))
+        fill_dlq = await read_topic(settings, FILLS_DLQ, expect=len(fills))
+        forwarded = await read_topic(settings, FILLS, expect=len(good_fills))
+    finally:
+        await bridge.stop()
+
+    from app.topics import MAX_DEAD_LETTER_BYTES
+
+    for records, cases in ((sig_dlq, signals), (fill_dlq, fills), (forwarded, good_fills)):
+        assert len(records) == len(cases)
+        keys = {r.value: r.key for r in records}
+        for payload, key in cases:
+            assert keys[payload[:MAX_DEAD_LETTER_BYTES]] == key, payload[:80]
+    for r in sig_dlq + fill_dlq + forwarded:
+        if r.key is not None:
+            assert r.partition == kafka_partition(r.key, settings.topic_partitions)
