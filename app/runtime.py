@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,22 +24,57 @@ from tables.symbols import SymbolTable
 log = logging.getLogger(__name__)
 
 
+#: Upper bounds of the slippage histogram buckets, pips (+ = adverse, - = in our favour).
+SLIPPAGE_BUCKETS: tuple[float, ...] = (
+    -10.0, -5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, math.inf)
+
+
+@dataclass
+class Histogram:
+    """A Prometheus histogram: fixed buckets, counters that only grow (per process)."""
+
+    bounds: tuple[float, ...] = SLIPPAGE_BUCKETS  # sorted, the last one +Inf
+    #: Observations per bucket (not cumulative): ``counts[i]`` holds bounds[i-1] < v <= bounds[i].
+    counts: list[int] = field(default_factory=list)
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        if math.isnan(value):
+            return  # no bucket holds NaN, and it would poison the sum for ever
+        self.counts[min(bisect_left(self.bounds, value), len(self.counts) - 1)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(le, observations <= le)`` for every bucket, as exposed."""
+        out, running = [], 0
+        for le, n in zip(self.bounds, self.counts):
+            running += n
+            out.append((le, running))
+        return out
+
+
 @dataclass
 class Metrics:
     """Process-local counters (Prometheus counters are per process too)."""
 
     counters: Counter = field(default_factory=Counter)
-    #: symbol -> list of slippage observations (pips), bounded; the histogram's source.
-    slippage: dict[str, list[float]] = field(default_factory=dict)
+    #: symbol -> slippage histogram (pips), exposed as ``execution_slippage_pips``.
+    slippage: dict[str, Histogram] = field(default_factory=dict)
 
     def inc(self, name: str, n: int = 1, **labels: str) -> None:
         self.counters[(name, tuple(sorted(labels.items())))] += n
 
     def observe_slippage(self, symbol: str, pips: float) -> None:
-        values = self.slippage.setdefault(symbol, [])
-        values.append(pips)
-        if len(values) > 10_000:
-            del values[: len(values) - 10_000]
+        hist = self.slippage.get(symbol)
+        if hist is None:
+            hist = self.slippage[symbol] = Histogram()
+        hist.observe(pips)
 
 
 class Runtime:

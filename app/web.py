@@ -23,9 +23,6 @@ from app.models import OrderState, position_key, to_dict
 from app.runtime import Runtime
 from tables.definitions import Tables
 
-#: Upper bounds of the slippage histogram buckets, pips (+ = adverse).
-SLIPPAGE_BUCKETS = (-5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 5.0, 10.0, float("inf"))
-
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     if not labels:
@@ -44,13 +41,13 @@ def prometheus(rt: Runtime, extra: list[tuple[str, dict[str, str], float]]) -> s
         for labels, value in series:
             lines.append(f"execution_{name}_total{_labels(labels)} {value}")
     lines.append("# TYPE execution_slippage_pips histogram")
-    for symbol, values in sorted(rt.metrics.slippage.items()):
-        for le in SLIPPAGE_BUCKETS:
-            n = sum(1 for v in values if v <= le)
+    for symbol, hist in sorted(rt.metrics.slippage.items()):
+        # Cumulative counters kept since the process started (never re-bucketed from samples).
+        for le, n in hist.cumulative():
             le_s = "+Inf" if le == float("inf") else repr(le)
             lines.append(f'execution_slippage_pips_bucket{{symbol="{symbol}",le="{le_s}"}} {n}')
-        lines.append(f'execution_slippage_pips_sum{{symbol="{symbol}"}} {sum(values)}')
-        lines.append(f'execution_slippage_pips_count{{symbol="{symbol}"}} {len(values)}')
+        lines.append(f'execution_slippage_pips_sum{{symbol="{symbol}"}} {hist.sum!r}')
+        lines.append(f'execution_slippage_pips_count{{symbol="{symbol}"}} {hist.count}')
     gauges: dict[str, list[tuple[dict[str, str], float]]] = {}
     for name, labels, value in extra:
         gauges.setdefault(name, []).append((labels, value))

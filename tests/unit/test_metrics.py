@@ -1,0 +1,56 @@
+"""The ``/metrics`` exposition: the slippage histogram is a real Prometheus histogram."""
+
+from __future__ import annotations
+
+import random
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from app.runtime import Metrics
+from app.web import prometheus
+
+BUCKET = re.compile(r'^execution_slippage_pips_bucket\{symbol="(\w+)",le="([^"]+)"\} (\d+)$')
+
+
+def histogram(text: str, symbol: str) -> tuple[list[tuple[float, int]], float, int]:
+    """(le, cumulative count) in exposition order, _sum and _count of one symbol."""
+    buckets, total, count = [], None, None
+    for line in text.splitlines():
+        m = BUCKET.match(line)
+        if m and m.group(1) == symbol:
+            buckets.append((float(m.group(2).replace("+Inf", "inf")), int(m.group(3))))
+        elif line.startswith(f'execution_slippage_pips_sum{{symbol="{symbol}"}} '):
+            total = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f'execution_slippage_pips_count{{symbol="{symbol}"}} '):
+            count = int(line.rsplit(" ", 1)[1])
+    assert total is not None and count is not None, text
+    return buckets, total, count
+
+
+def test_slippage_histogram_counts_every_observation_forever():
+    rng = random.Random(7)
+    rt = SimpleNamespace(metrics=Metrics())
+    seen: list[float] = []
+    for scrape in range(3):
+        for _ in range(12_000):  # more than the old 10,000-value cap, at each step
+            v = round(rng.gauss(0.3, 4), 1)
+            seen.append(v)
+            rt.metrics.observe_slippage("EURUSD", v)
+        rt.metrics.observe_slippage("GBPUSD", -0.7)
+        text = prometheus(rt, [])
+        assert text.count("# TYPE execution_slippage_pips histogram") == 1
+        buckets, total, count = histogram(text, "EURUSD")
+        assert count == len(seen) == 12_000 * (scrape + 1)
+        assert total == pytest.approx(sum(seen))
+        les = [le for le, _ in buckets]
+        assert les == sorted(les) and les[-1] == float("inf") and min(les) < 0
+        counts = [n for _, n in buckets]
+        assert counts == sorted(counts), "cumulative buckets must not decrease"
+        assert counts[-1] == count
+        for le, n in buckets:
+            assert n == sum(1 for v in seen if v <= le), le
+        g_buckets, g_total, g_count = histogram(text, "GBPUSD")
+        assert g_count == scrape + 1 and g_total == pytest.approx(-0.7 * (scrape + 1))
+        assert dict(g_buckets)[-1.0] == 0 and dict(g_buckets)[-0.5] == scrape + 1
