@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import faust
@@ -34,21 +34,26 @@ from agents.common import (
     send_all,
     until_done,
 )
+from app.execution_client import ExecutionClient
 from app.models import (
     ApprovedSignal,
     CommandKind,
     DecodeError,
     EventType,
     Fill,
+    ModifyOrder,
     Order,
     OrderCommand,
+    OrderEvent,
     OrderState,
+    OrderType,
+    Position,
+    TimeInForce,
     from_json,
     position_key,
     to_json,
     utcnow,
 )
-from app.mt5.contract import NoReply, Outcome, TradeRequest, classify
 from app.topics import (
     EXECUTIONS,
     FILLS,
@@ -61,16 +66,11 @@ from app.topics import (
     SIGNALS_DLQ,
 )
 from tables import order_state
-from tables.fills import apply_fill
-from tables.idempotency import SignalSeen, expired_keys, order_id_for
-from tables.order_types import (
-    MAGIC,
-    check_enabled,
-    comment_for,
-    resolve_order_type,
-    trade_request_fields,
-)
-from tables.submission import on_broker_status, on_submit_result
+from tables.commands import decide_cancel, decide_close, decide_expire, decide_modify, is_repeat, remember
+from tables.fills import apply_fill, exit_execution
+from tables.idempotency import SignalSeen, close_order_id, expired_keys, order_id_for
+from tables.order_types import MAGIC, check_enabled, order_expiry, resolve_order_type
+from tables.submission import on_broker_status, on_cancel_result, on_modify_result, on_submit_result
 from tables.symbols import UnknownSymbol
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,10 @@ class OrdersAgent:
         self.ctx = ctx
         self.rt = ctx.rt
         self.t = ctx.tables
+        self.client = ExecutionClient(ctx.rt)
         self.in_flight: dict[str, asyncio.Task] = {}
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        #: order_id -> monotonic time of the last status check (stuck orders).
+        #: order_id -> monotonic time of the last status check (stuck orders, expiries).
         self.checked: dict[str, float] = {}
         #: order_id -> monotonic time its submission's answer was sent to orders.commands:
         #: the answer is durable and the agent will apply it, so a backlog in front of it
@@ -105,16 +106,17 @@ class OrdersAgent:
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: faust.EventT, b: Batch) -> None:
-        topic = event.message.topic
+        message = event.message
+        topic = message.topic
         if topic == SIGNALS_APPROVED:
-            self.on_signal(event.value, b, f"{event.message.partition}-{event.message.offset}")
+            self.on_signal(event.value, b, f"{message.partition}-{message.offset}", message.timestamp)
         elif topic == FILLS:
             self.on_fill(event.value, b)
         else:
-            self.on_command(event.value, b)
+            self.on_command(event.value, b, f"{message.partition}-{message.offset}")
 
     # ------------------------------------------------------------------ signals
-    def on_signal(self, raw: bytes, b: Batch, where: str = "") -> None:
+    def on_signal(self, raw: bytes, b: Batch, where: str = "", forwarded_at: float | None = None) -> None:
         try:
             signal = from_json(ApprovedSignal, raw)
         except DecodeError as exc:
@@ -124,25 +126,36 @@ class OrdersAgent:
         cfg = self.rt.config
         now = utcnow()
         order_id = order_id_for(signal.signal_id, self.rt.settings.topic_partitions)
-        existing: Order | None = b.get(self.t.orders, order_id)
         seen: SignalSeen | None = b.get(self.t.signal_orders, signal.signal_id)
-        if existing is not None:
+        existing: Order | None = b.get(self.t.orders, order_id)
+        if seen is not None or existing is not None:
             # The same signal again (redelivery, replay, a resend upstream): one order, ever.
             self.rt.metrics.inc("duplicate_signals")
-            event = order_state.record(
-                existing, EventType.DUPLICATE_SIGNAL, now, reason="signal already has an order",
-                detail={"first_seen": seen.first_seen.isoformat() if seen else None},
-                discriminator=where,  # each delivery is its own record; a replay of one is not
-            )
-            b.emit((ORDER_EXECUTION_ARCHIVE, order_id, to_json(event), None))
-            if existing.state is OrderState.PENDING:
-                b.later(lambda: self.start_submission(existing, resume=True))
+            if existing is not None:
+                event = order_state.record(
+                    existing, EventType.DUPLICATE_SIGNAL, now, reason="signal already has an order",
+                    detail={"first_seen": seen.first_seen.isoformat() if seen else None},
+                    discriminator=where,  # each delivery is its own record; a replay of one is not
+                )
+                b.emit((ORDER_EXECUTION_ARCHIVE, order_id, to_json(event), None))
+                # Written again: after a crash the local store may hold a value whose changelog
+                # record never reached Kafka; this puts it there for the partition's next owner.
+                b.put(self.t.orders, order_id, existing)
+                if existing.state is OrderState.PENDING:
+                    b.later(lambda: self.start_submission(existing, resume=True))
+            if seen is not None:
+                b.put(self.t.signal_orders, signal.signal_id, seen)
             return
         order_type = resolve_order_type(signal, cfg.order_defaults)
-        created = order_state.create_order(signal, order_id, order_type, now)
+        tif = signal.time_in_force or cfg.order_defaults.default_time_in_force
+        if order_type is OrderType.MARKET:
+            tif = TimeInForce.GTC  # a market order fills now or never: no time in force
+        created = order_state.create_order(
+            signal, order_id, order_type, now, time_in_force=tif, expires_at=order_expiry(tif, signal.expires_at, now),
+        )
         outputs = transition_outputs(created)
         order = created.order
-        refusal = check_enabled(order_type, cfg.order_defaults)
+        refusal = self.refusal(signal, order, forwarded_at, now)
         if refusal:
             rejected = order_state.apply(order, EventType.REJECTED, now, reason=refusal)
             outputs += transition_outputs(rejected)
@@ -152,8 +165,29 @@ class OrdersAgent:
         b.put(self.t.signal_orders, signal.signal_id, SignalSeen(order_id=order_id, first_seen=now))
         self.rt.metrics.inc("orders_created", order_type=order_type.value)
         if order.state is OrderState.PENDING:
-            b.put(self.t.open_orders, order_id, now.isoformat().encode())
+            self.opened(order, now, b)
             b.later(lambda: self.start_submission(order, resume=False))
+
+    def refusal(self, signal: ApprovedSignal, order: Order, forwarded_at: float | None, now: datetime) -> str | None:
+        """Why a new order must not be sent (REJECTED with this reason), or None."""
+        cfg = self.rt.config
+        if not cfg.trading.trading_enabled:
+            return "halted: trading is disabled (trading.trading_enabled is false)"
+        refusal = check_enabled(order.order_type, cfg.order_defaults)
+        if refusal:
+            return refusal
+        born = signal.approved_at or (datetime.fromtimestamp(forwarded_at, timezone.utc) if forwarded_at else None)
+        max_age = cfg.order_defaults.max_signal_age_seconds
+        if born is not None and (now - born).total_seconds() > max_age:
+            return f"stale: the signal is {(now - born).total_seconds():.1f} s old, above max_signal_age_seconds {max_age:g}"
+        if order.expires_at is not None and order.expires_at <= now:
+            return f"expired: expires_at {order.expires_at.isoformat()} is already past"
+        return None
+
+    def opened(self, order: Order, now: datetime, b: Batch) -> None:
+        """The order is open: watched by the timers until final (with its expiry, if any)."""
+        value = now.isoformat() if order.expires_at is None else f"{now.isoformat()}|{order.expires_at.isoformat()}"
+        b.put(self.t.open_orders, order.order_id, value.encode())
 
     # ------------------------------------------------------------------ fills
     def on_fill(self, raw: bytes, b: Batch) -> None:
@@ -161,11 +195,44 @@ class OrdersAgent:
             fill = from_json(Fill, raw)
         except DecodeError as exc:
             raise BadInput(exc.reason) from None
-        order: Order | None = b.get(self.t.orders, fill.order_id)
+        if fill.symbol not in self.rt.symbols:
+            raise BadInput(f"symbol: unknown symbol {fill.symbol!r}")
+        if fill.magic != MAGIC:
+            self.on_foreign_deal(fill, b)
+            return
+        order: Order | None = b.get(self.t.orders, fill.order_id) if fill.order_id else None
+        if fill.is_exit:
+            self.on_exit(order, fill, b)
+            return
         if order is None:
             self.rt.metrics.inc("unknown_fills")
             raise BadInput(f"order_id: unknown order {fill.order_id!r} (deal {fill.deal})")
         self.apply_deal(order, fill, b)
+
+    def on_foreign_deal(self, fill: Fill, b: Batch) -> None:
+        """A deal of another magic number (a manual trade, another robot): reported in the
+        audit trail and on the fills alert subject, never merged into our positions."""
+        self.rt.metrics.inc("foreign_deals", symbol=fill.symbol)
+        event = deal_event(fill, EventType.FOREIGN_DEAL, utcnow(),
+                           f"deal of magic {fill.magic}, not this service's ({MAGIC}): not applied")
+        b.emit((ORDER_EXECUTION_ARCHIVE, fill.routing_key, to_json(event), None))
+
+    def on_exit(self, order: Order | None, fill: Fill, b: Batch) -> None:
+        """An exit the broker or a person made (SL, TP, stop-out, a close at the terminal):
+        it reduces the position the order opened.  Applied to the position (``executions``)
+        whether or not the opening order is still in the table; the position dedupes it by
+        deal ticket, ClickHouse by execution id."""
+        now = utcnow()
+        execution = exit_execution(order, fill, self.rt.symbols)
+        reason = f"position {fill.position} reduced by {fill.volume} lots: {fill.reason} at {fill.price}"
+        if order is not None:
+            event = order_state.record(order, EventType.POSITION_EXIT, now, reason=reason,
+                                       detail=_deal_detail(fill), discriminator=f"deal-{fill.deal}")
+        else:
+            event = deal_event(fill, EventType.POSITION_EXIT, now, reason)
+        b.emit((EXECUTIONS, position_key(fill.account, fill.symbol), to_json(execution), None),
+               (ORDER_EXECUTION_ARCHIVE, fill.routing_key, to_json(event), None))
+        self.rt.metrics.inc("position_exits", symbol=fill.symbol, reason=fill.reason)
 
     def apply_deal(self, order: Order, fill: Fill, b: Batch) -> Order:
         """Apply one broker deal to ``order`` (from the fills stream, or reported by the broker
@@ -199,7 +266,7 @@ class OrdersAgent:
             # A real trade on an order we hold final (a cancel that lost the race, a timeout we
             # called a failure): the state stays, the fill figures are kept so a second late
             # deal is computed from them and a replay is recognised as a duplicate.
-            new_order = order.model_copy(update=r.updates)
+            new_order = order_state.amend(order, now, **r.updates)
             outputs.append((ORDERS_STATUS, order.order_id, to_json(new_order), None))
         if r.alert:
             alert = order_state.record(
@@ -222,22 +289,32 @@ class OrdersAgent:
         return new_order
 
     # ------------------------------------------------------------------ commands
-    def on_command(self, raw: bytes, b: Batch) -> None:
+    def on_command(self, raw: bytes, b: Batch, where: str = "") -> None:
         try:
             cmd = from_json(OrderCommand, raw)
         except DecodeError as exc:
             raise BadInput(exc.reason) from None
         now = utcnow()
-        if cmd.kind is CommandKind.EXPIRE_SIGNAL:
-            seen = b.get(self.t.signal_orders, cmd.key)
-            window = self.rt.config.idempotency.check_window_hours
-            if seen is not None and expired_keys([(cmd.key, seen)], now, window):
-                b.delete(self.t.signal_orders, cmd.key)
+        kind = cmd.kind
+        if kind is CommandKind.EXPIRE_SIGNAL:
+            self.on_expire_signal(cmd, b, now)
+            return
+        if kind is CommandKind.CLOSE_POSITION:
+            self.on_close_position(cmd, b, now)
             return
         order: Order | None = b.get(self.t.orders, cmd.key)
+        if kind in USER_COMMANDS:
+            self.on_order_command(cmd, order, b, now, where)
+            return
         if order is None:
-            raise BadInput(f"key: command {cmd.kind.value} for unknown order {cmd.key!r}")
-        if cmd.kind is CommandKind.SUBMIT_RESULT:
+            raise BadInput(f"key: command {kind.value} for unknown order {cmd.key!r}")
+        if kind is CommandKind.CANCEL_RESULT:
+            self.on_cancel_result(cmd, order, b, now)
+            return
+        if kind is CommandKind.MODIFY_RESULT:
+            self.on_modify_result(cmd, order, b, now)
+            return
+        if kind is CommandKind.SUBMIT_RESULT:
             step = on_submit_result(order, cmd.payload, cmd.attempt)
         else:
             # The broker's deals for this order: any that never reached us through the fills
@@ -248,23 +325,152 @@ class OrdersAgent:
                     deal = Fill.model_validate(raw_deal)
                 except ValueError:
                     continue
-                if deal.deal not in order.deals and deal.order_id == order.order_id:
+                if deal.deal not in order.deals and deal.order_id == order.order_id and not deal.is_exit:
                     log.info("order %s: applying deal %s reported by the broker", order.order_id, deal.deal)
                     order = self.apply_deal(order, deal, b)
             step = on_broker_status(order, cmd.payload, stuck=bool(cmd.payload.get("stuck")))
         if step.event_type is None:
-            log.debug("order %s: %s ignored (%s)", order.order_id, cmd.kind.value, step.reason)
+            log.debug("order %s: %s ignored (%s)", order.order_id, kind.value, step.reason)
+            if cmd.attempt > order.attempts:
+                # The answer came after the order moved on (its fills overtook it): keep count.
+                amended = order_state.amend(order, now, attempts=cmd.attempt)
+                b.emit((ORDERS_STATUS, order.order_id, to_json(amended), None))
+                b.put(self.t.orders, order.order_id, amended)
             return
-        detail = {"command": cmd.kind.value, "attempt": cmd.attempt}
+        detail = {"command": kind.value, "attempt": cmd.attempt}
         if "retcode" in cmd.payload:
             detail["retcode"] = cmd.payload["retcode"]
-        t = order_state.apply(order, step.event_type, now, reason=step.reason, detail=detail, **step.updates)
+        updates = dict(step.updates)
+        if cmd.attempt > order.attempts:
+            updates["attempts"] = cmd.attempt
+        self.transition(order, step.event_type, now, b, reason=step.reason, detail=detail, **updates)
+
+    def transition(self, order: Order, event_type: EventType, now: datetime, b: Batch, **kw: Any) -> Order:
+        t = order_state.apply(order, event_type, now, **kw)
         b.emit(*transition_outputs(t))
         if t.applied:
             b.put(self.t.orders, order.order_id, t.order)
             self.rt.metrics.inc("order_transitions", state=t.order.state.value)
             if t.order.state.is_final:
                 self.closed(order.order_id, b)
+        return t.order
+
+    def command_event(self, order: Order | None, cmd: OrderCommand, event_type: EventType, now: datetime,
+                      reason: str | None, where: str = "") -> Out:
+        detail = {"command": cmd.kind.value, "command_id": cmd.command_id, "source": cmd.source, **cmd.payload}
+        discriminator = f"{cmd.kind.value}-{cmd.command_id or where}"
+        if event_type is EventType.DUPLICATE_COMMAND:
+            discriminator += f"-{where}"
+        if order is not None:
+            event = order_state.record(order, event_type, now, reason=reason, detail=detail, discriminator=discriminator)
+        else:
+            event = OrderEvent(event_id=f"{cmd.key}:{event_type.value}:{discriminator}", type=event_type, order_id=cmd.key,
+                               signal_id="", symbol=str(cmd.payload.get("symbol") or ""), account=str(cmd.payload.get("account") or ""),
+                               reason=reason, detail=detail, at=now)
+        if event_type is EventType.COMMAND_REFUSED:
+            self.rt.metrics.inc("commands_refused", command=cmd.kind.value)
+        return (ORDER_EXECUTION_ARCHIVE, cmd.key, to_json(event), None)
+
+    def on_order_command(self, cmd: OrderCommand, order: Order | None, b: Batch, now: datetime, where: str) -> None:
+        """Cancel, modify or expire an order: decided against its state here; accepted, the
+        broker is asked in a task whose answer comes back as a CANCEL_/MODIFY_RESULT."""
+        if order is not None and is_repeat(order, cmd.command_id):
+            b.emit(self.command_event(order, cmd, EventType.DUPLICATE_COMMAND, now, "command delivered again: acted on once", where))
+            return
+        if cmd.kind is CommandKind.MODIFY:
+            try:
+                changes = ModifyOrder.model_validate(cmd.payload)
+            except ValueError as exc:
+                b.emit(self.command_event(order, cmd, EventType.COMMAND_REFUSED, now, f"payload: {exc}", where))
+                return
+            decision = decide_modify(order, changes)
+        elif cmd.kind is CommandKind.EXPIRE:
+            decision = decide_expire(order, now)
+        else:
+            decision = decide_cancel(order)
+        if not decision.accepted:
+            b.emit(self.command_event(order, cmd, EventType.COMMAND_REFUSED, now, decision.reason, where))
+            return
+        assert order is not None
+        b.emit(self.command_event(order, cmd, EventType.COMMAND_ACCEPTED, now, None, where))
+        order = order.model_copy(update={"commands": remember(order, cmd.command_id)})
+        b.put(self.t.orders, order.order_id, order)
+        self.rt.metrics.inc("commands_accepted", command=cmd.kind.value)
+        if cmd.kind is CommandKind.MODIFY:
+            b.later(lambda: self.run_task(order.order_id, self._modify(order, cmd, changes)))
+        else:
+            why = "expired" if cmd.kind is CommandKind.EXPIRE else "cancelled"
+            b.later(lambda: self.run_task(order.order_id, self._cancel(order, cmd, why)))
+
+    def on_cancel_result(self, cmd: OrderCommand, order: Order, b: Batch, now: datetime) -> None:
+        step = on_cancel_result(order, cmd.payload)
+        if step.event_type is not None:
+            self.transition(order, step.event_type, now, b, reason=step.reason,
+                            detail={"command_id": cmd.command_id, "retcode": cmd.payload.get("retcode")})
+            return
+        if order.state.is_final:
+            return
+        # Refused or unanswered: the order filled, triggered or expired first, or the broker is
+        # away.  Its status says which; the fills stream brings any fill.
+        b.emit(self.command_event(order, cmd, EventType.COMMAND_REFUSED, now, step.reason))
+        b.later(lambda: self.run_task(f"status-{order.order_id}", self._check_stuck(order, stuck=False)))
+
+    def on_modify_result(self, cmd: OrderCommand, order: Order, b: Batch, now: datetime) -> None:
+        applied, reason = on_modify_result(order, cmd.payload)
+        changes = cmd.payload.get("changes") or {}
+        if not applied:
+            b.emit(self.command_event(order, cmd, EventType.COMMAND_REFUSED, now, reason))
+            return
+        updates = order_state.modified_prices(order, changes.get("price"), changes.get("stop_loss"), changes.get("take_profit"))
+        modified = order_state.amend(order, now, **updates)
+        event = order_state.record(modified, EventType.MODIFIED, now, reason="modified at the broker",
+                                   detail={"command_id": cmd.command_id, **changes}, discriminator=cmd.command_id)
+        b.emit((ORDER_EXECUTION_ARCHIVE, order.order_id, to_json(event), None),
+               (ORDERS_STATUS, order.order_id, to_json(modified), None))
+        b.put(self.t.orders, order.order_id, modified)
+
+    def on_close_position(self, cmd: OrderCommand, b: Batch, now: datetime) -> None:
+        """Close all or part of a position: keyed by the position, handled on its partition
+        (where the positions table is local); the closing order is made there, with an id
+        derived from the command id on the same partition, and submitted like any order."""
+        if cmd.command_id is None:
+            raise BadInput("command_id: a close needs a command id")
+        account, symbol = str(cmd.payload.get("account") or ""), str(cmd.payload.get("symbol") or "")
+        if position_key(account, symbol) != cmd.key:
+            raise BadInput(f"key: {cmd.key!r} is not the position of account {account!r} and symbol {symbol!r}")
+        order_id = close_order_id(cmd.command_id, cmd.key, self.rt.settings.topic_partitions)
+        existing: Order | None = b.get(self.t.orders, order_id)
+        if existing is not None:
+            b.emit(self.command_event(existing, cmd, EventType.DUPLICATE_COMMAND, now, "command delivered again: acted on once"))
+            return
+        volume = cmd.payload.get("volume")
+        position: Position | None = b.get(self.t.positions, cmd.key)
+        decision = decide_close(position, float(volume) if volume is not None else None)
+        if not decision.accepted or position is None or decision.side is None:
+            b.emit(self.command_event(None, cmd, EventType.COMMAND_REFUSED, now, decision.reason))
+            return
+        created = order_state.create_close_order(
+            order_id, cmd.command_id, account, symbol, decision.side, decision.volume,
+            position.avg_open_price, position.ticket, now,
+        )
+        order = created.order
+        b.emit(self.command_event(order, cmd, EventType.COMMAND_ACCEPTED, now, None), *transition_outputs(created))
+        b.put(self.t.orders, order_id, order)
+        self.rt.metrics.inc("commands_accepted", command=cmd.kind.value)
+        self.opened(order, now, b)
+        b.later(lambda: self.start_submission(order, resume=False))
+
+    def on_expire_signal(self, cmd: OrderCommand, b: Batch, now: datetime) -> None:
+        """The dedupe entry is past the window: it goes, and so does its order if final (the
+        order lives on in the archive and ClickHouse): the tables hold a window of orders."""
+        seen: SignalSeen | None = b.get(self.t.signal_orders, cmd.key)
+        window = self.rt.config.idempotency.check_window_hours
+        if seen is None or not expired_keys([(cmd.key, seen)], now, window):
+            return
+        b.delete(self.t.signal_orders, cmd.key)
+        order: Order | None = b.get(self.t.orders, seen.order_id)
+        if order is not None and order.state.is_final:
+            b.delete(self.t.orders, seen.order_id)
 
     def closed(self, order_id: str, b: Batch) -> None:
         """The order is final: it leaves ``open_orders`` and the timers' memory."""
@@ -275,7 +481,19 @@ class OrdersAgent:
         self.checked.pop(order_id, None)
         self.answered.pop(order_id, None)
 
-    # ------------------------------------------------------------------ submission
+    # ------------------------------------------------------------------ broker tasks
+    async def run_task(self, name: str, coro: Any) -> None:
+        """Run a broker call beside the agent (bounded by the in-flight slots)."""
+        await self.slots.acquire()
+        task = asyncio.create_task(coro, name=name)
+
+        def _done(t: asyncio.Task) -> None:
+            self.slots.release()
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s failed: %r", name, t.exception())
+
+        task.add_done_callback(_done)
+
     async def start_submission(self, order: Order, *, resume: bool) -> None:
         task = self.in_flight.get(order.order_id)
         if task is not None and not task.done():
@@ -293,121 +511,78 @@ class OrdersAgent:
 
         task.add_done_callback(_done)
 
-    async def _command(self, kind: CommandKind, order_id: str, payload: dict[str, Any], attempt: int = 0) -> None:
-        cmd = OrderCommand(kind=kind, key=order_id, attempt=attempt, payload=payload, at=utcnow())
+    async def _command(self, kind: CommandKind, order_id: str, payload: dict[str, Any], attempt: int = 0,
+                       command_id: str | None = None) -> None:
+        cmd = OrderCommand(kind=kind, key=order_id, attempt=attempt, payload=payload, at=utcnow(),
+                           command_id=command_id, source="system")
         # Kafka briefly unavailable: the answer must not be lost.
         await until_done(f"command {kind.value} for {order_id}",
                          lambda: send_all(self.ctx, [(ORDERS_COMMANDS, order_id, to_json(cmd), None)]))
         if kind is not CommandKind.EXPIRE_SIGNAL:
             self.answered[order_id] = time.monotonic()
 
-    async def _status(self, client: Any, order: Order) -> dict[str, Any] | None:
-        try:
-            status = await client.status(magic=MAGIC, comment=comment_for(order.order_id), account=order.account)
-        except NoReply:
-            return None
-        return status.model_dump(mode="json")
-
-    async def _status_until_answered(self, client: Any, order: Order) -> dict[str, Any] | None:
-        """Ask about an order whose submission got no answer, again while the connector does
-        not answer either (NATS restarting, the connector away), for up to the stuck-order
-        timeout: only the broker's answer tells a lost order (resend it) from a live one, and
-        giving up early would leave an order the broker never saw to fail as stuck."""
-        deadline = time.monotonic() + self.rt.config.submission.stuck_order_timeout_seconds
-        delay = 0.2
-        while True:
-            status = await self._status(client, order)
-            if status is not None or time.monotonic() + delay >= deadline:
-                return status
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
     async def _submit(self, order: Order, resume: bool) -> None:
-        """Send the order, resending only when the broker says it never saw it."""
-        client = await self.rt.mt5()
-        cfg = self.rt.config
-        if resume:
-            # This order may have reached the broker before a crash: ask before any resend.
-            status = await self._status(client, order)
-            if status is None:
-                # No answer: the broker may have it.  Never resend blind; the order stays
-                # PENDING and the timer asks again.
-                log.info("order %s: no answer to the status query; resume later", order.order_id)
-                return
-            if status.get("known"):
-                await self._command(CommandKind.BROKER_STATUS, order.order_id, status)
-                return
-        spec = self.rt.symbols[order.symbol]
-        fields = trade_request_fields(order, spec, cfg.order_defaults.max_slippage_pips, MAGIC)
-        requotes = 0
-        attempt = order.attempts
-        retries = 0
-        while True:
-            attempt += 1
-            self.rt.metrics.inc("submissions")
-            try:
-                result = await client.submit(TradeRequest(**fields))
-                payload = result.model_dump(mode="json")
-                outcome = classify(result.retcode)
-            except NoReply:
-                payload, outcome = {"no_reply": True}, Outcome.UNKNOWN
-            if outcome is Outcome.UNKNOWN:
-                # Unknown outcome: the broker may have the order.  Ask, never blindly resend.
-                status = await self._status_until_answered(client, order)
-                if status is not None and status.get("known"):
-                    await self._command(CommandKind.BROKER_STATUS, order.order_id, status, attempt)
-                    return
-                if retries < cfg.submission.submit_retries and status is not None:
-                    retries += 1
-                    continue  # the broker answered that it does not have it: safe to resend
-                await self._command(CommandKind.SUBMIT_RESULT, order.order_id, payload, attempt)
-                return
-            if outcome is Outcome.REPRICE and requotes < cfg.submission.max_requotes and payload.get("bid") and payload.get("ask"):
-                requotes += 1
-                fields["price"] = payload["ask"] if order.side.value == "buy" else payload["bid"]
-                continue
-            await self._command(CommandKind.SUBMIT_RESULT, order.order_id, payload, attempt)
+        answer = await self.client.submit(order, resume=resume, reduce_only=self.rt.config.trading.reduce_only)
+        if answer is not None:
+            await self._command(answer.kind, order.order_id, answer.payload, answer.attempt)
+
+    async def _cancel(self, order: Order, cmd: OrderCommand, why: str) -> None:
+        payload = await self.client.cancel(order)
+        await self._command(CommandKind.CANCEL_RESULT, order.order_id, {**payload, "reason": why}, command_id=cmd.command_id)
+
+    async def _modify(self, order: Order, cmd: OrderCommand, changes: ModifyOrder) -> None:
+        payload = await self.client.modify(order, changes)
+        await self._command(CommandKind.MODIFY_RESULT, order.order_id, {**payload, "changes": changes.changes()},
+                            command_id=cmd.command_id)
+
+    async def _check_stuck(self, order: Order, *, stuck: bool = True) -> None:
+        status = await self.client.status(order)
+        if status is None:
+            log.warning("order %s: the connector does not answer the status query", order.order_id)
             return
+        if stuck:
+            self.rt.metrics.inc("stuck_orders_checked")
+        await self._command(CommandKind.BROKER_STATUS, order.order_id, {**status, "stuck": stuck})
 
     # ------------------------------------------------------------------ timers
     async def check_open_orders(self) -> None:
-        """Resume PENDING orders nobody is submitting; ask the broker about stuck ones."""
+        """Resume PENDING orders nobody is submitting; ask the broker about stuck ones; expire
+        orders whose time in force ran out."""
         sub = self.rt.config.submission
         now = utcnow()
         pending_grace = timedelta(seconds=sub.reply_timeout_seconds * (sub.submit_retries + 2) + 1)
         stuck_after = timedelta(seconds=sub.stuck_order_timeout_seconds)
         youngest_due = min(pending_grace, stuck_after)
-        for key, opened in list(self.t.open_orders.items()):
+        for key, value in list(self.t.open_orders.items()):
             order_id = key.decode() if isinstance(key, bytes) else key
-            if _opened_within(opened, now, youngest_due):
-                continue  # updated no earlier than opened: too young for either check (no order read)
+            opened, expires = _open_value(value)
+            expired = expires is not None and expires <= now
+            if not expired and opened is not None and now - opened < youngest_due:
+                continue  # too young for either check (no order read)
             order: Order | None = self.t.orders.get(order_id)
             if order is None or order.state.is_final:
+                continue
+            mono = time.monotonic()
+            if expired and order.state in (OrderState.SUBMITTED, OrderState.PARTIALLY_FILLED):
+                if mono - self.checked.get(order_id, 0.0) >= sub.stuck_check_interval_seconds:
+                    self.checked[order_id] = mono
+                    await self._command(CommandKind.EXPIRE, order_id, {}, command_id=f"expire-{order_id[:24]}-{order.version}")
                 continue
             age = now - order.updated_at
             if order.state is OrderState.PENDING:
                 last = self.checked.get(order_id, 0.0)
-                if time.monotonic() - self.answered.get(order_id, -1e9) < sub.stuck_order_timeout_seconds:
+                if mono - self.answered.get(order_id, -1e9) < sub.stuck_order_timeout_seconds:
                     continue
-                if order_id not in self.in_flight and age > pending_grace and time.monotonic() - last > pending_grace.total_seconds():
-                    self.checked[order_id] = time.monotonic()
+                if order_id not in self.in_flight and age > pending_grace and mono - last > pending_grace.total_seconds():
+                    self.checked[order_id] = mono
                     log.info("order %s PENDING for %s: resuming its submission", order_id, age)
                     await self.start_submission(order, resume=True)
             elif order.state in (OrderState.SUBMITTED, OrderState.PARTIALLY_FILLED) and age > stuck_after:
                 last = self.checked.get(order_id, 0.0)
-                if time.monotonic() - last < sub.stuck_order_timeout_seconds:
+                if mono - last < sub.stuck_order_timeout_seconds:
                     continue
-                self.checked[order_id] = time.monotonic()
+                self.checked[order_id] = mono
                 asyncio.create_task(self._check_stuck(order))
-
-    async def _check_stuck(self, order: Order) -> None:
-        client = await self.rt.mt5()
-        status = await self._status(client, order)
-        if status is None:
-            log.warning("order %s stuck in SUBMITTED and the connector does not answer", order.order_id)
-            return
-        self.rt.metrics.inc("stuck_orders_checked")
-        await self._command(CommandKind.BROKER_STATUS, order.order_id, {**status, "stuck": True})
 
     async def expire_signals(self) -> None:
         """Ask for the expiry of the dedupe entries past the window (through orders.commands,
@@ -424,12 +599,32 @@ class OrdersAgent:
             await self._command(CommandKind.EXPIRE_SIGNAL, signal_id, {})
 
 
-def _opened_within(opened: Any, now: datetime, span: timedelta) -> bool:
-    """True when an ``open_orders`` value (when the order opened) is less than ``span`` ago."""
+#: Commands from ops and upstream services, and the timer's expiry, on one order.
+USER_COMMANDS = frozenset({CommandKind.CANCEL, CommandKind.MODIFY, CommandKind.EXPIRE})
+
+
+def _deal_detail(fill: Fill) -> dict[str, Any]:
+    return {"deal": fill.deal, "ticket": fill.ticket, "position": fill.position, "entry": fill.entry,
+            "reason": fill.reason, "magic": fill.magic, "side": fill.side.value, "price": fill.price,
+            "volume": fill.volume, "profit": fill.profit, "currency": fill.currency}
+
+
+def deal_event(fill: Fill, event_type: EventType, now: datetime, reason: str) -> OrderEvent:
+    """An audit record about a deal that has no order of ours in the table."""
+    return OrderEvent(
+        event_id=f"{fill.routing_key}:{event_type.value}:deal-{fill.deal}", type=event_type, order_id=fill.order_id,
+        signal_id="", symbol=fill.symbol, account=fill.account, reason=reason, detail=_deal_detail(fill), at=now,
+    )
+
+
+def _open_value(value: Any) -> tuple[datetime | None, datetime | None]:
+    """An ``open_orders`` value: when the order opened, and when it expires (if it does)."""
     try:
-        return now - datetime.fromisoformat(opened.decode() if isinstance(opened, bytes) else opened) < span
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        opened, _, expires = text.partition("|")
+        return datetime.fromisoformat(opened), datetime.fromisoformat(expires) if expires else None
     except (TypeError, ValueError, AttributeError):
-        return False  # unreadable: read the order instead
+        return None, None  # unreadable: read the order instead
 
 
 def register(ctx: Context) -> OrdersAgent:

@@ -21,6 +21,7 @@ A command id makes a repeated command act once (:func:`is_repeat`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from app.models import ModifyOrder, Order, OrderState, OrderType, Position, Side
 from tables.fills import to_lots, to_units
@@ -77,6 +78,19 @@ def decide_cancel(order: Order | None) -> Decision:
         return Decision.refuse("a market order cannot be cancelled once sent")
     if order.state is S.PENDING:
         return Decision.refuse("order is PENDING: its submission is in flight; cancel it once SUBMITTED")
+    return ACCEPT
+
+
+def decide_expire(order: Order | None, now: datetime) -> Decision:
+    """The time in force ran out: the order is cancelled at the broker (reason ``expired``)."""
+    if order is None:
+        return Decision.refuse("unknown order", 404)
+    if order.state.is_final:
+        return Decision.refuse(f"order is {order.state.value}")
+    if order.expires_at is None or order.expires_at > now:
+        return Decision.refuse("order has not expired")
+    if order.state is S.PENDING:
+        return Decision.refuse("order is PENDING: its submission is in flight")
     return ACCEPT
 
 

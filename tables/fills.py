@@ -30,6 +30,12 @@ Design:
 * **Consistency.**  A fill for another order, symbol or side, or of less than 1e-8 lot, is
   refused with a reason (and no execution).
   An unknown symbol raises :class:`tables.symbols.UnknownSymbol` (bad input).
+* **Exits.**  A deal the broker or a person made (reason sl, tp, stop_out, client) fills no
+  order of ours: :func:`exit_execution` makes its ``executions`` record, which reduces the
+  position (``side`` is the deal's).  Its slippage is measured against the stop-loss or
+  take-profit level that triggered it when the opening order is known, else it is 0.
+* **Closes.**  An order of intent ``close`` has no price of its own to slip from: its fills
+  carry slippage 0 and raise no alert.
 * **Timestamps.**  ``filled_at`` and ``updated_at`` are ``now`` (our clock, like
   ``submitted_at``); the broker's deal time is kept in ``execution.time``.
 """
@@ -41,7 +47,7 @@ from datetime import datetime
 from typing import Any
 
 from app.config import SAFE_DEFAULTS
-from app.models import EventType, Execution, Fill, Order, OrderState
+from app.models import EventType, Execution, Fill, Order, OrderIntent, OrderState
 from tables.slippage import is_alert, slippage_pips
 from tables.symbols import SymbolTable
 
@@ -104,7 +110,8 @@ def apply_fill(
         return FillResult(accepted=False, reason=mismatch)
 
     pip = symbols[order.symbol].pip_size
-    fill_slip = slippage_pips(order.side, order.expected_price, fill.price, pip)
+    closing = order.intent is OrderIntent.CLOSE
+    fill_slip = 0.0 if closing else slippage_pips(order.side, order.expected_price, fill.price, pip)
     alert = is_alert(fill_slip, alert_threshold_pips)
 
     prev_units = to_units(order.filled_volume)
@@ -135,7 +142,7 @@ def apply_fill(
     updates: dict[str, Any] = {
         "filled_volume": cum,
         "avg_fill_price": avg,
-        "slippage_pips": slippage_pips(order.side, order.expected_price, avg, pip),
+        "slippage_pips": 0.0 if closing else slippage_pips(order.side, order.expected_price, avg, pip),
         "deals": (*order.deals, fill.deal),
         "updated_at": now,
     }
@@ -143,6 +150,8 @@ def apply_fill(
         updates["filled_at"] = now
     if order.broker_ticket is None and fill.ticket is not None:
         updates["broker_ticket"] = fill.ticket
+    if fill.position is not None and order.position_ticket is None:
+        updates["position_ticket"] = fill.position
     return FillResult(
         event_type=EventType.FILLED if full else EventType.PARTIALLY_FILLED,
         to_state=to_state,
@@ -184,4 +193,46 @@ def _execution(order: Order, fill: Fill, slip: float, cum: float, avg: float, st
         avg_fill_price=avg,
         order_state=state,
         time=fill.time,
+        **_deal_fields(fill),
+    )
+
+
+def _deal_fields(fill: Fill) -> dict[str, Any]:
+    return {"entry": fill.entry, "reason": fill.reason, "position": fill.position, "profit": fill.profit,
+            "currency": fill.currency, "magic": fill.magic}
+
+
+def exit_level(order: Order | None, fill: Fill) -> float:
+    """The price an exit was expected at: the stop-loss or take-profit that triggered it
+    (known from the opening order), else the deal's own price."""
+    if order is not None and fill.reason == "sl" and order.stop_loss is not None:
+        return order.stop_loss
+    if order is not None and fill.reason == "tp" and order.take_profit is not None:
+        return order.take_profit
+    return fill.price
+
+
+def exit_execution(order: Order | None, fill: Fill, symbols: SymbolTable) -> Execution:
+    """The ``executions`` record of an exit (``fill.is_exit``): the deal reduces the position
+    that ``order`` opened (None: an order no longer in the table, or never ours to know)."""
+    expected = exit_level(order, fill)
+    slip = slippage_pips(fill.side, expected, fill.price, symbols[fill.symbol].pip_size)
+    return Execution(
+        execution_id=f"{fill.routing_key}:{fill.deal}",
+        order_id=fill.order_id,
+        signal_id=order.signal_id if order is not None else "",
+        account=fill.account,
+        symbol=fill.symbol,
+        side=fill.side,
+        deal=fill.deal,
+        ticket=fill.ticket,
+        price=fill.price,
+        volume=fill.volume,
+        expected_price=expected,
+        slippage_pips=slip,
+        cumulative_volume=fill.volume,
+        avg_fill_price=fill.price,
+        order_state=order.state if order is not None else OrderState.FILLED,
+        time=fill.time,
+        **_deal_fields(fill),
     )

@@ -80,12 +80,20 @@ def _candidate(signal_id: str, n: int) -> str:
     return ORDER_ID_PREFIX + hashlib.blake2b(data.encode("utf-8"), digest_size=ORDER_ID_DIGEST_SIZE).hexdigest()
 
 
+def close_order_id(command_id: str, position_key: str, partitions: int) -> str:
+    """The order id of a close command: deterministic from the command id, on the partition
+    of the position's key (where the command is handled and the order is stored, so the close
+    order's fills, keyed by this id, come to the same worker)."""
+    return order_id_for(f"close\x1f{command_id}", partitions, position_key)
+
+
 @lru_cache(maxsize=65_536)
-def order_id_for(signal_id: str, partitions: int) -> str:
-    """The order id of a signal: 31 characters, on the signal id's partition, deterministic."""
+def order_id_for(signal_id: str, partitions: int, partition_key: str | None = None) -> str:
+    """The order id of a signal: 31 characters, on the signal id's partition (or on
+    ``partition_key``'s), deterministic."""
     if not signal_id:
         raise ValueError("signal_id must not be empty")
-    target = partition_for(signal_id, partitions)
+    target = partition_for(partition_key if partition_key is not None else signal_id, partitions)
     for n in range(_MAX_CANDIDATES_PER_PARTITION * partitions):
         candidate = _candidate(signal_id, n)
         if partition_for(candidate, partitions) == target:

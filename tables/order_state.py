@@ -46,6 +46,9 @@ import orjson
 
 from app.models import (
     ApprovedSignal,
+    OrderIntent,
+    Side,
+    TimeInForce,
     EventType,
     Order,
     OrderEvent,
@@ -102,7 +105,15 @@ ALLOWED_UPDATES: frozenset[str] = frozenset(
         "attempts",
         "reason",
         "submitted_at",
+        "position_ticket",
+        "commands",
     }
+)
+
+#: Order fields a change without a state transition may set (:func:`amend`): a modify's
+#: prices, a late deal's figures, bookkeeping that arrives after the state moved on.
+AMENDABLE: frozenset[str] = ALLOWED_UPDATES | frozenset(
+    {"limit_price", "trigger_price", "expected_price", "stop_loss", "take_profit", "expires_at"}
 )
 
 
@@ -163,8 +174,12 @@ def order_prices(signal: ApprovedSignal, order_type: OrderType) -> tuple[float, 
     raise ValueError(f"unknown order type {order_type!r}")
 
 
-def create_order(signal: ApprovedSignal, order_id: str, order_type: OrderType, now: datetime) -> Transition:
-    """The PENDING order (version 1) for an approved signal, and its ``created`` event."""
+def create_order(
+    signal: ApprovedSignal, order_id: str, order_type: OrderType, now: datetime, *,
+    time_in_force: TimeInForce = TimeInForce.GTC, expires_at: datetime | None = None,
+) -> Transition:
+    """The PENDING order (version 1) for an approved signal, and its ``created`` event.
+    ``expires_at``: when a DAY or GTD pending order stops working."""
     order_type = OrderType(order_type)
     to_state = TRANSITIONS[(None, E.CREATED)]
     expected, trigger, limit = order_prices(signal, order_type)
@@ -187,6 +202,8 @@ def create_order(signal: ApprovedSignal, order_id: str, order_type: OrderType, n
         version=1,
         created_at=now,
         updated_at=now,
+        time_in_force=time_in_force,
+        expires_at=expires_at,
     )
     event = OrderEvent(
         event_id=f"{order_id}:1:{E.CREATED.value}",
@@ -203,6 +220,29 @@ def create_order(signal: ApprovedSignal, order_id: str, order_type: OrderType, n
             "volume": signal.position_size,
             "expected_price": expected,
         },
+        at=now,
+    )
+    return Transition(order=order, event=event, applied=True)
+
+
+def create_close_order(
+    order_id: str, command_id: str, account: str, symbol: str, side: Side, volume: float,
+    reference_price: float | None, position_ticket: int | None, now: datetime,
+) -> Transition:
+    """The PENDING market order that closes ``volume`` lots of a position (intent ``close``),
+    made by the close command ``command_id``, and its ``created`` event."""
+    price = reference_price or 0.0
+    order = Order(
+        order_id=order_id, signal_id=f"command:{command_id}", account=account, symbol=symbol, side=side,
+        order_type=OrderType.MARKET, volume=volume, entry_price=price or 1.0, expected_price=price or 1.0,
+        state=S.PENDING, version=1, created_at=now, updated_at=now, intent=OrderIntent.CLOSE,
+        position_ticket=position_ticket, commands=(command_id,),
+    )
+    event = OrderEvent(
+        event_id=f"{order_id}:1:{E.CREATED.value}", type=E.CREATED, order_id=order_id, signal_id=order.signal_id,
+        symbol=symbol, account=account, from_state=None, to_state=S.PENDING,
+        detail={"order_type": "market", "side": side.value, "volume": volume, "intent": "close",
+                "position_ticket": position_ticket, "command_id": command_id},
         at=now,
     )
     return Transition(order=order, event=event, applied=True)
@@ -354,3 +394,33 @@ def record(
         detail=dict(detail or {}),
         at=now,
     )
+
+
+def amend(order: Order, now: datetime, **updates: Any) -> Order:
+    """The order with ``updates`` and no state change (a modify the broker confirmed, a late
+    deal on a final order, the attempts of a submission answered after its fill): the
+    version goes up, so the new snapshot is a new record everywhere (JetStream dedupes
+    ``orders.*`` by order id and version)."""
+    unknown = set(updates) - AMENDABLE
+    if unknown:
+        raise TypeError(f"amend() got order fields it may not set: {sorted(unknown)}")
+    changes = {"updated_at": now, **updates, "version": order.version + 1}
+    return Order.model_validate({**order.model_dump(), **changes})
+
+
+def modified_prices(order: Order, price: float | None, stop_loss: float | None, take_profit: float | None) -> dict[str, Any]:
+    """The order fields a confirmed modify sets: ``price`` is the limit of a limit order and
+    the trigger of a stop or stop-limit (and the expected price of a limit or stop)."""
+    out: dict[str, Any] = {}
+    if price is not None:
+        if order.order_type is OrderType.LIMIT:
+            out.update(limit_price=price, expected_price=price)
+        elif order.order_type is OrderType.STOP:
+            out.update(trigger_price=price, expected_price=price)
+        elif order.order_type is OrderType.STOP_LIMIT:
+            out.update(trigger_price=price)
+    if stop_loss is not None:
+        out["stop_loss"] = stop_loss
+    if take_profit is not None:
+        out["take_profit"] = take_profit
+    return out

@@ -14,6 +14,15 @@ Pure, no I/O.  The numbers are MQL5's (``ORDER_TYPE_*``, ``TRADE_ACTION_*``,
   symbol's digits; absent SL/TP are 0.
 * ``deviation`` is ``max_slippage_pips`` in points (x10 for 3- and 5-digit quotes), and
   ``type_filling`` is RETURN, so the broker may fill part of an order and keep the rest.
+* **The slippage cap** is measured from the signal's entry price, not from the price of the
+  latest attempt: after a requote the order is resent at the broker's quote only while that
+  quote plus the deviation stays within ``max_slippage_pips`` of the entry
+  (:func:`reprice`); beyond it the order ends REJECTED.  A pending order keeps its price.
+* **Time in force** of a pending order: GTC, DAY (until 00:00 UTC) or GTD (``expires_at``),
+  sent as MT5 ``type_time`` DAY / SPECIFIED where the symbol's broker expires orders
+  (``SymbolSpec.broker_expiry``); elsewhere the order goes GTC and the service expires it.
+* **Closes** (intent ``close``): a market order on the other side of the position, naming
+  its ``position`` ticket so the broker only ever reduces it; no price (no requote), no SL/TP.
 """
 
 from __future__ import annotations
@@ -23,7 +32,9 @@ from enum import IntEnum
 from typing import Any
 
 from app.config import SAFE_DEFAULTS, OrderDefaults
-from app.models import ApprovedSignal, Order, OrderType, Side
+from datetime import datetime, timedelta, timezone
+
+from app.models import ApprovedSignal, Order, OrderIntent, OrderType, Side, TimeInForce
 from tables.symbols import SymbolSpec
 
 #: The service's MT5 magic number: it marks the orders this service sent.
@@ -162,18 +173,85 @@ def trade_request_fields(
     def rounded(p: float | None) -> float:
         return spec.round_price(p) if p is not None else 0.0
 
+    close = order.intent is OrderIntent.CLOSE
+    type_time, expiration = mt5_time(order, spec)
     return {
         "action": int(mt5_action(order.order_type)),
         "symbol": order.symbol,
-        "volume": order.volume,
+        "volume": order.remaining_volume if close else order.volume,
         "type": int(mt5_type(order.side, order.order_type)),
-        "price": rounded(price),
+        "price": 0.0 if close else rounded(price),
         "stoplimit": rounded(stoplimit) if stoplimit else 0.0,
-        "sl": rounded(order.stop_loss),
-        "tp": rounded(order.take_profit),
+        "sl": 0.0 if close else rounded(order.stop_loss),
+        "tp": 0.0 if close else rounded(order.take_profit),
         "deviation": deviation_points(max_slippage_pips, spec),
         "type_filling": int(MT5Filling.RETURN),
+        "type_time": type_time,
+        "expiration": expiration.isoformat().replace("+00:00", "Z") if expiration else None,
         "magic": int(magic),
         "comment": comment_for(order.order_id),
         "account": order.account,
+        "position": int(order.position_ticket or 0) if close else 0,
     }
+
+
+#: MT5 ``ORDER_TIME_*``.
+ORDER_TIME_GTC, ORDER_TIME_DAY, ORDER_TIME_SPECIFIED = 0, 1, 2
+
+
+def end_of_day(now: datetime) -> datetime:
+    """The next 00:00 UTC: when a DAY order stops working."""
+    day = now.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day + timedelta(days=1)
+
+
+def order_expiry(tif: TimeInForce, expires_at: datetime | None, now: datetime) -> datetime | None:
+    """When an order of time in force ``tif`` stops working (None: GTC)."""
+    if tif is TimeInForce.DAY:
+        return end_of_day(now)
+    if tif is TimeInForce.GTD:
+        return expires_at
+    return None
+
+
+def mt5_time(order: Order, spec: SymbolSpec) -> tuple[int, datetime | None]:
+    """``(type_time, expiration)`` of the trade request: the broker expires a DAY or GTD
+    pending order itself where the symbol allows it; otherwise GTC (the service expires it)."""
+    if order.order_type is OrderType.MARKET or order.expires_at is None or not spec.broker_expiry:
+        return ORDER_TIME_GTC, None
+    if order.time_in_force is TimeInForce.DAY:
+        return ORDER_TIME_DAY, None
+    return ORDER_TIME_SPECIFIED, order.expires_at
+
+
+def reprice(order: Order, spec: SymbolSpec, max_slippage_pips: float, bid: float, ask: float) -> tuple[float, int] | str:
+    """After a requote: the new ``(price, deviation)`` of a market order, or the reason it must
+    not be resent.  The broker fills within ``deviation`` points of ``price``; both are chosen
+    so that no fill is more than ``max_slippage_pips`` adverse to the signal's entry price."""
+    if order.order_type is not OrderType.MARKET:
+        return "requote on a pending order: its price is kept, never moved to the market"
+    if order.intent is OrderIntent.CLOSE:
+        return "requote on a close"
+    quote = ask if order.side is Side.BUY else bid
+    cap_points = deviation_points(max_slippage_pips, spec)
+    entry_points = round(order.entry_price / spec.point)
+    quote_points = round(quote / spec.point)
+    adverse = (quote_points - entry_points) * order.side.sign  # + = worse than the entry
+    room = cap_points - adverse
+    if room < 0:
+        pips = adverse / spec.points_per_pip
+        return (f"slippage cap: the market is {pips:g} pips from the entry {order.entry_price}, "
+                f"above max_slippage_pips {max_slippage_pips:g}")
+    return spec.round_price(quote), room
+
+
+def reduce_only_refusal(order: Order, broker_net_volume: float) -> str:
+    """Under ``reduce_only``: why ``order`` must not be sent ("" when it only reduces the
+    broker's net position ``broker_net_volume``, lots + long / - short)."""
+    net = round(broker_net_volume * 1e8)
+    qty = round(order.volume * 1e8)
+    if net == 0 or (net > 0) == (order.side is Side.BUY):
+        return f"reduce_only: a {order.side.value} of {order.volume} lots would grow the position ({broker_net_volume} lots)"
+    if qty > abs(net):
+        return f"reduce_only: {order.volume} lots would reverse the position ({broker_net_volume} lots)"
+    return ""

@@ -24,7 +24,7 @@ BROKER_STATE_EVENTS: dict[str, EventType | None] = {
     "partially_filled": EventType.SUBMITTED,  # the fills stream brings the fills themselves
     "filled": EventType.SUBMITTED,
     "cancelled": EventType.CANCELLED,
-    "expired": EventType.CANCELLED,
+    "expired": EventType.CANCELLED,  # reason ``expired``
     "rejected": EventType.REJECTED,
 }
 
@@ -51,6 +51,10 @@ def on_submit_result(order: Order, payload: dict[str, Any], attempt: int) -> Ste
         # A late or repeated answer: the order already moved on (fills, a status check).
         return Step(None, f"reply for an order already {order.state.value}")
     updates: dict[str, Any] = {"attempts": max(order.attempts, attempt)}
+    if payload.get("refused"):  # the client would not resend (the slippage cap)
+        if payload.get("retcode"):
+            updates["retcode"] = int(payload["retcode"])
+        return Step(EventType.REJECTED, str(payload["refused"]), updates)
     if payload.get("no_reply"):
         return Step(EventType.SUBMITTED, "no reply from the connector: outcome unknown", updates)
     retcode = int(payload.get("retcode", 0))
@@ -81,6 +85,9 @@ def on_broker_status(order: Order, payload: dict[str, Any], *, stuck: bool) -> S
     if order.state.is_final:
         return Step(None, f"order already {order.state.value}")
     if not payload.get("known"):
+        if stuck and order.state is OrderState.PARTIALLY_FILLED:
+            # It traded, so the broker had it; it no longer knows it: nothing more will fill.
+            return Step(EventType.CANCELLED, "timeout: the broker no longer knows the order; the unfilled rest is void")
         if stuck:
             return Step(EventType.FAILED, "timeout")
         return Step(None, "unknown at the broker")
@@ -97,7 +104,40 @@ def on_broker_status(order: Order, payload: dict[str, Any], *, stuck: bool) -> S
         if order.state is not OrderState.PENDING:
             return Step(None, f"broker: {state}; order already {order.state.value}")
         return Step(event, f"broker: {state}", updates)
-    reason = f"broker: {state}"
+    reason = "expired" if state == "expired" else f"broker: {state}"
     if event is EventType.REJECTED and payload.get("retcode"):
         reason = retcode_text(int(payload["retcode"]))
     return Step(event, reason, updates)
+
+
+def on_cancel_result(order: Order, payload: dict[str, Any]) -> Step:
+    """The connector's answer to a cancel.  ``payload["reason"]`` says why we cancelled
+    (``cancelled`` by a command, ``expired`` by the time in force).  A refusal (the order
+    filled or triggered first, a market order, a closed market) is returned as a Step with
+    no event and the broker's words: the fill, if any, comes through the fills stream."""
+    if order.state.is_final:
+        return Step(None, f"order already {order.state.value}")
+    why = str(payload.get("reason") or "cancelled")
+    if payload.get("no_reply"):
+        status = payload.get("status")
+        if isinstance(status, dict) and status.get("known") and status.get("state") in ("cancelled", "expired"):
+            return Step(EventType.CANCELLED, why)
+        return Step(None, "no reply from the connector to the cancel; the broker's status decides")
+    retcode = int(payload.get("retcode", 0))
+    if retcode == Retcode.DONE:
+        return Step(EventType.CANCELLED, why)
+    text = retcode_text(retcode)
+    comment = payload.get("comment")
+    return Step(None, f"cancel refused by the broker: {text}: {comment}" if comment else f"cancel refused by the broker: {text}")
+
+
+def on_modify_result(order: Order, payload: dict[str, Any]) -> tuple[bool, str | None]:
+    """``(applied, reason)``: the broker confirmed the modify (10009 DONE), or why not."""
+    if payload.get("no_reply"):
+        return False, "no reply from the connector to the modify: resend the command (it is idempotent)"
+    retcode = int(payload.get("retcode", 0))
+    if retcode == Retcode.DONE:
+        return True, None
+    text = retcode_text(retcode)
+    comment = payload.get("comment")
+    return False, f"modify refused by the broker: {text}: {comment}" if comment else f"modify refused by the broker: {text}"

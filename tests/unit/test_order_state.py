@@ -130,7 +130,10 @@ def test_event_for_state_leads_into_that_state():
         assert state in {to for (_, e), to in LEGAL.items() if e is event}
     assert EVENT_FOR_STATE[S.PENDING] is E.CREATED
     assert LIFECYCLE_EVENTS == frozenset(LIFECYCLE)
-    assert INFORMATIONAL_EVENTS == {E.TRANSITION_REFUSED, E.DUPLICATE_SIGNAL, E.SLIPPAGE_ALERT, E.POSITION_CORRECTED}
+    assert INFORMATIONAL_EVENTS == {
+        E.TRANSITION_REFUSED, E.DUPLICATE_SIGNAL, E.SLIPPAGE_ALERT, E.POSITION_CORRECTED, E.COMMAND_ACCEPTED,
+        E.COMMAND_REFUSED, E.DUPLICATE_COMMAND, E.MODIFIED, E.POSITION_EXIT, E.FOREIGN_DEAL,
+    }
 
 
 # --------------------------------------------------------------------------------------

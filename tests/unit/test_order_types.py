@@ -172,7 +172,7 @@ def test_market_request():
     assert f == {
         "action": 1, "symbol": "EURUSD", "volume": 0.25, "type": 0, "price": 1.10000, "stoplimit": 0.0,
         "sl": 1.0950, "tp": 1.1100, "deviation": 30, "type_filling": 2, "magic": MAGIC, "comment": OID,
-        "account": "acc-7",
+        "account": "acc-7", "type_time": 0, "expiration": None, "position": 0,
     }
     req = contract.TradeRequest(**f)
     assert req.type is contract.OrderType.BUY and req.action is contract.TradeAction.DEAL
