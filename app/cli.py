@@ -8,6 +8,8 @@
     execution demo      the end-to-end demo on the embedded defaults
     execution config    show or set the operational config in the central hub
     execution settings  print the effective settings (secrets masked)
+    execution orders    show, cancel or modify an order (through a worker's web server)
+    execution positions close (part of) a position (through a worker's web server)
 """
 
 from __future__ import annotations
@@ -141,6 +143,78 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The worker's web server the ``orders`` and ``positions`` commands talk to.
+DEFAULT_URL = "http://127.0.0.1:8012"
+
+
+def _http(method: str, url: str, body: dict | None = None, *, token: bool = False,
+          command_id: str | None = None, timeout: float = 30.0) -> tuple[int, dict]:
+    """One request to a worker's web server (standard library only): (status, JSON body)."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if token:
+        secret = os.environ.get("EXECUTION_API_TOKEN", "")
+        if secret:
+            headers["Authorization"] = f"Bearer {secret}"
+        headers["X-Execution-Source"] = "cli"
+    if command_id:
+        headers["Idempotency-Key"] = command_id
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    except (urllib.error.URLError, OSError) as e:
+        return 0, {"error": f"{url}: {getattr(e, 'reason', e)}"}
+    try:
+        answer = json.loads(raw or b"{}")
+    except ValueError:
+        answer = {"error": raw.decode(errors="replace")[:500]}
+    return status, answer if isinstance(answer, dict) else {"answer": answer}
+
+
+def _print_answer(status: int, answer: dict) -> int:
+    print(json.dumps({"status": status, **answer} if status else answer, indent=2))
+    return 0 if status in (200, 202) else 1
+
+
+def cmd_orders(args: argparse.Namespace) -> int:
+    """``execution orders show|cancel|modify ORDER_ID``."""
+    from urllib.parse import quote
+
+    base = f"{args.url.rstrip('/')}/orders/{quote(args.order_id, safe='')}"
+    if args.action == "show":
+        return _print_answer(*_http("GET", base))
+    if args.action == "cancel":
+        return _print_answer(*_http("POST", f"{base}/cancel", {}, token=True, command_id=args.command_id))
+    changes = {k: v for k, v in (("price", args.price), ("stop_loss", args.stop_loss),
+                                 ("take_profit", args.take_profit)) if v is not None}
+    return _print_answer(*_http("POST", f"{base}/modify", changes, token=True, command_id=args.command_id))
+
+
+def cmd_positions(args: argparse.Namespace) -> int:
+    """``execution positions close ACCOUNT SYMBOL [--volume V]``."""
+    from urllib.parse import quote
+
+    url = f"{args.url.rstrip('/')}/positions/{quote(args.account, safe='')}/{quote(args.symbol, safe='')}/close"
+    body = {"volume": args.volume} if args.volume is not None else {}
+    return _print_answer(*_http("POST", url, body, token=True, command_id=args.command_id))
+
+
+def _command_options(p: argparse.ArgumentParser, mutating: bool = True) -> None:
+    p.add_argument("--url", default=DEFAULT_URL, help=f"a worker's web server (default {DEFAULT_URL})")
+    if mutating:
+        p.add_argument("--command-id", default=None,
+                       help="makes a repeat act once (sent as Idempotency-Key); default: a new id")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from app.demo import run_demo
 
@@ -171,6 +245,30 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=42)
     d.set_defaults(func=cmd_demo)
     sub.add_parser("settings", help="print effective settings").set_defaults(func=cmd_settings)
+    token_note = "The token comes from EXECUTION_API_TOKEN. Prints the answer; exit 0 on 200/202, else 1."
+    o = sub.add_parser("orders", help="show, cancel or modify an order", description=token_note)
+    o_sub = o.add_subparsers(dest="action", required=True)
+    o_show = o_sub.add_parser("show", help="the order, from the worker that owns it")
+    o_show.add_argument("order_id")
+    _command_options(o_show, mutating=False)
+    o_cancel = o_sub.add_parser("cancel", help="cancel a working limit, stop or stop-limit order")
+    o_cancel.add_argument("order_id")
+    _command_options(o_cancel)
+    o_modify = o_sub.add_parser("modify", help="change an order's price, stop-loss or take-profit")
+    o_modify.add_argument("order_id")
+    o_modify.add_argument("--price", type=float, default=None)
+    o_modify.add_argument("--stop-loss", type=float, default=None)
+    o_modify.add_argument("--take-profit", type=float, default=None)
+    _command_options(o_modify)
+    o.set_defaults(func=cmd_orders)
+    ps = sub.add_parser("positions", help="close (part of) a position", description=token_note)
+    ps_sub = ps.add_subparsers(dest="action", required=True)
+    ps_close = ps_sub.add_parser("close", help="close all of a position, or --volume lots of it")
+    ps_close.add_argument("account")
+    ps_close.add_argument("symbol")
+    ps_close.add_argument("--volume", type=float, default=None, help="lots (default: all)")
+    _command_options(ps_close)
+    ps.set_defaults(func=cmd_positions)
     args = parser.parse_args(argv)
     if args.command != "worker":
         _logging(args.log_level)

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     nats_password: SecretStr | None = None
     nats_creds_file: Path | None = None
     clickhouse_password: SecretStr | None = None
+    #: The bearer token of the mutating web endpoints (cancel, modify, close) and of the
+    #: NATS command subjects' forwarding between workers.  Unset or empty: those endpoints
+    #: answer 403 (they are off, never open).  ``EXECUTION_API_TOKEN``.
+    api_token: SecretStr | None = None
 
     # --- broker tuning: None means "the profile's value" ------------------------------
     #: Tansu (local profile): a consumer group join waits for half the session timeout before
@@ -146,6 +150,12 @@ class Settings(BaseSettings):
                     linger_ms=self.effective("producer_linger_ms"))
         return opts
 
+    @property
+    def api_token_value(self) -> str | None:
+        """The API token, or None when none is configured (an empty value is none)."""
+        value = self.api_token.get_secret_value() if self.api_token else ""
+        return value or None
+
     def nats_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"servers": self.nats_url.split(",")}
         if self.nats_user:
@@ -158,7 +168,7 @@ class Settings(BaseSettings):
     def describe(self) -> dict[str, Any]:
         """Settings safe to print: secrets masked by pydantic's SecretStr."""
         out = self.model_dump(mode="json")
-        for name in ("kafka_password", "nats_password", "clickhouse_password"):
+        for name in ("kafka_password", "nats_password", "clickhouse_password", "api_token"):
             if out.get(name):
                 out[name] = "**********"
         for name in _TUNING:

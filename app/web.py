@@ -8,6 +8,9 @@
 * ``/positions/{account}/{symbol}``: one position, routed the same way;
   ``/positions``: the positions held by this worker's partitions (``worker`` says which).
 * ``/config``: the operational config in force here, and its hub revision.
+* ``POST /orders/{order_id}/cancel``, ``POST /orders/{order_id}/modify``,
+  ``POST /positions/{account}/{symbol}/close``: commands, with a bearer token; and the same
+  on NATS (``execution.orders.cancel`` ...): :mod:`app.commands_api`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import faust
 from faust.web import Request, Response, View
 
+from app import commands_api
 from app.models import OrderState, position_key, to_dict
 from app.runtime import Runtime
 from tables.definitions import Tables
@@ -155,6 +159,8 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
     class Config(View):
         async def get(self, request: Request) -> Response:
             return self.json({"revision": rt.hub.revision, "config": rt.hub.current.model_dump(mode="json")})
+
+    commands_api.register(app, rt, tables)
 
 
 async def _route(app: faust.App, table: faust.Table, key: str, request: Request) -> Response | None:
