@@ -1,8 +1,15 @@
 """The positions agent and the reconciliation timer.
 
 ``executions`` is keyed by ``{account}:{symbol}``: the orders agent repartitions the fills
-there, so each position has one writer.  ``positions.discrepancies`` (same key) carries
-what reconciliation found; with ``auto_correct_discrepancies`` this agent applies them.
+there, so each position has one writer.  An execution carries the broker's profit, currency
+and position ticket of its deal into the position (:func:`tables.positions.apply_to_position`).
+``positions.discrepancies`` (same key) carries what reconciliation found; with
+``auto_correct_discrepancies`` this agent applies them, with the broker's deal tickets, so
+a deal still in flight is not counted twice.
+
+Reconciliation asks the broker for the positions of the service's magic number only
+(:data:`tables.order_types.MAGIC`); a position of another magic that comes back anyway is
+counted and logged (``reconciliation_foreign_positions``), never compared nor corrected.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ from app.topics import (
 )
 from tables.fills import to_units
 from tables.idempotency import partition_for
+from tables.order_types import MAGIC
 from tables.positions import apply_to_position, correct_position
-from tables.reconcile import Discrepancy, compare
+from tables.reconcile import BrokerPosition, Discrepancy, as_broker_position, compare, foreign_positions
 from tables.symbols import UnknownSymbol
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,10 @@ class PositionsAgent:
             raise BadInput(str(exc)) from None
         if r.is_duplicate:
             return
+        if r.unapplied_volume:
+            log.warning("execution %s: exit deal %d of %s lots, %s beyond the position %s: not applied",
+                        ex.execution_id, ex.deal, ex.volume, r.unapplied_volume, key)
+            self.rt.metrics.inc("exit_volume_unapplied")
         b.emit((POSITIONS, key, to_json(r.position), None))
         b.put(self.positions, key, r.position)
 
@@ -89,7 +101,14 @@ class PositionsAgent:
             log.info("discrepancy on %s is stale (position moved since): not corrected", key)
             return
         now = utcnow()
-        corrected = correct_position(current, d.broker_net_volume, d.broker_avg_price, now, account=d.account, symbol=d.symbol)
+        try:
+            corrected = correct_position(
+                current, d.broker_net_volume, d.broker_avg_price, now, account=d.account, symbol=d.symbol,
+                broker_deals=d.broker_deals, broker_ticket=d.broker_ticket,
+            )
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        known = set(current.deals) if current is not None else set()
         event = OrderEvent(
             event_id=f"{key}:{corrected.version}:{EventType.POSITION_CORRECTED.value}",
             type=EventType.POSITION_CORRECTED,
@@ -97,8 +116,10 @@ class PositionsAgent:
             signal_id="",
             symbol=d.symbol,
             account=d.account,
-            reason=f"reconciliation ({d.kind.value}): set to the broker's {d.broker_net_volume} lots",
-            detail=d.model_dump(mode="json"),
+            reason=(f"reconciliation ({d.kind.value}): set to the broker's {d.broker_net_volume} lots, "
+                    f"{len(d.broker_deals)} broker deals"),
+            # broker_deals: the tickets now counted; deals_added: those we had not applied
+            detail={**d.model_dump(mode="json"), "deals_added": [t for t in d.broker_deals if t not in known]},
             at=now,
         )
         outputs: list[Out] = [
@@ -113,20 +134,24 @@ class PositionsAgent:
     def owned(self) -> set[int]:
         return {tp.partition for tp in self.ctx.app.assignor.assigned_actives() if tp.topic == EXECUTIONS}
 
-    async def _snapshot(self) -> list[tuple[str, str, float, float | None]] | None:
+    async def _snapshot(self) -> list[BrokerPosition] | None:
+        """The broker's positions of our magic number (None: no answer)."""
         client = await self.rt.mt5()
         try:
-            snap = await client.positions(None)
+            snap = await client.positions(None, magic=MAGIC)
         except NoReply:
             return None
-        return [(p.account, p.symbol, p.net_volume, p.avg_price) for p in snap.positions]
+        return [as_broker_position(p) for p in snap.positions]
+
+    def _owns(self, owned: set[int]):
+        n = self.rt.settings.topic_partitions
+        return lambda k: partition_for(k, n) in owned
 
     def _compare(self, broker: list, owned: set[int]) -> list[Discrepancy]:
         ours = {}
         for key, pos in self.positions.items():
             ours[key.decode() if isinstance(key, bytes) else key] = pos
-        n = self.rt.settings.topic_partitions
-        return compare(ours, broker, lambda k: partition_for(k, n) in owned)
+        return compare(ours, broker, self._owns(owned), magic=MAGIC)
 
     async def reconcile(self, confirm_delay: float = CONFIRM_DELAY_SECONDS) -> list[Discrepancy]:
         """Compare the owned positions with the broker's; report confirmed discrepancies."""
@@ -138,6 +163,11 @@ class PositionsAgent:
             log.warning("reconciliation: the connector did not answer the positions query")
             self.rt.metrics.inc("reconciliations_failed")
             return []
+        foreign = foreign_positions(first, MAGIC, self._owns(owned))
+        if foreign:
+            log.warning("reconciliation: %d broker positions of other magic numbers (not ours, not compared): %s",
+                        len(foreign), [f"{b.account}:{b.symbol} magic {b.magic}" for b in foreign[:10]])
+            self.rt.metrics.inc("reconciliation_foreign_positions", len(foreign))
         candidates = self._compare(first, owned)
         confirmed: list[Discrepancy] = []
         if candidates:
@@ -148,7 +178,8 @@ class PositionsAgent:
                 confirmed = [again[k] for k in ((d.key, d.ours_net_volume, d.broker_net_volume) for d in candidates) if k in again]
         self.rt.metrics.inc("reconciliations")
         self.rt.metrics.inc("reconciliation_discrepancies", len(confirmed))
-        self.last_result = {"at": utcnow().isoformat(), "checked_partitions": sorted(owned), "discrepancies": len(confirmed)}
+        self.last_result = {"at": utcnow().isoformat(), "checked_partitions": sorted(owned), "discrepancies": len(confirmed),
+                            "foreign_positions": len(foreign)}
         if confirmed:
             log.warning("reconciliation: %d discrepancies: %s", len(confirmed), [d.key for d in confirmed])
             await send_all(self.ctx, [(POSITIONS_DISCREPANCIES, d.key, to_json(d), None) for d in confirmed])

@@ -8,21 +8,36 @@ Average-cost accounting of one net position (an MT5 netting view):
 * a deal on the other side closes (part of) it at the deal price against the average
   price and realizes ``(close - avg) x lots x direction`` (profit positive);
 * a deal larger than the position reverses it: the whole position is closed at the deal
-  price, and the remainder opens on the other side at the deal price.
+  price, and the remainder opens on the other side at the deal price;
+* an exit deal (``entry`` ``out``: a close order, SL, TP, stop-out, a close at the terminal)
+  only ever reduces the position: the broker says it closed that much of an open position,
+  so the part of its volume beyond what we hold (all of it when we are flat or on its side)
+  is not applied (``PositionResult.unapplied_volume``).  That happens when a reconciliation
+  correction already set the position to the broker's, e.g. flat after the broker closed it.
 
-``realized_pnl_price`` is in price terms (price difference x lots); ``realized_pnl`` is that
-times the contract size: an amount in the symbol's **quote currency**, which is the account
-currency for USD-quoted pairs on a USD account.  Conversion of other quote currencies
-(JPY, CHF, GBP, ...) to the account currency is out of scope here.
+PnL, two figures:
+
+* ``realized_pnl`` is the **sum of the broker's profit of the deals** (``Fill.profit``,
+  carried by the execution), in the account currency ``currency``: swaps, conversion of
+  the quote currency and the broker's own rounding included, as the broker booked it.
+  Deals in another currency than the position's PnL so far are refused (ValueError).
+* ``realized_pnl_price`` is our own average-cost figure in price terms (price difference x
+  lots), for checking the broker's and for symbols whose quote currency is not the account's.
+
+``ticket`` is the broker's position ticket of the last deal that named one.
 
 Deals are deduplicated by ticket: the last :data:`MAX_DEALS` tickets applied are kept in
 ``Position.deals``; a repeated ticket changes nothing (replays after a crash re-deliver at
-most a commit interval of deals, far fewer than that).
+most a commit interval of deals, far fewer than that).  A reconciliation correction adds the
+tickets of the deals the broker's position is made of (:func:`correct_position`), so a deal
+still on its way to us when the correction was made is a duplicate when it arrives: its
+volume is in the broker's figure already.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -54,11 +69,19 @@ class FillLike(Protocol):
     def volume(self) -> float: ...
     @property
     def deal(self) -> int: ...
+    @property
+    def entry(self) -> str: ...  # "in" | "out" | "inout"
+    @property
+    def position(self) -> int | None: ...  # the broker's position ticket
+    @property
+    def profit(self) -> float: ...  # the broker's profit of the deal, in ``currency``
+    @property
+    def currency(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
 class PositionFill:
-    """A deal for a position, e.g. from a broker :class:`~app.models.Fill` and its order's account."""
+    """A deal for a position, e.g. from a broker :class:`~app.models.Fill`."""
 
     account: str
     symbol: str
@@ -67,10 +90,18 @@ class PositionFill:
     volume: float
     deal: int
     time: datetime | None = None
+    profit: float = 0.0
+    currency: str = "USD"
+    position: int | None = None
+    entry: str = "in"
 
     @classmethod
-    def from_fill(cls, fill: Fill, account: str) -> "PositionFill":
-        return cls(account, fill.symbol, fill.side, fill.price, fill.volume, fill.deal, fill.time)
+    def from_fill(cls, fill: Fill, account: str | None = None) -> "PositionFill":
+        """``account``: the fill's own (default), or e.g. its order's."""
+        return cls(
+            account or fill.account, fill.symbol, fill.side, fill.price, fill.volume, fill.deal, fill.time,
+            fill.profit, fill.currency, fill.position, fill.entry,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +114,13 @@ class PositionResult:
     closed_volume: float = 0.0
     #: Lots opened or added on the resulting side.
     opened_volume: float = 0.0
-    #: This deal's realized PnL: price terms, and quote currency.
+    #: This deal's realized PnL: our price terms, and the broker's profit (``currency``).
     realized_pnl_price: float = 0.0
     realized_pnl: float = 0.0
     #: The deal flipped the position from long to short or back.
     reversed: bool = False
+    #: Lots of an exit deal beyond the open position, not applied (see the module doc).
+    unapplied_volume: float = 0.0
 
 
 def _sign(units: int) -> int:
@@ -104,7 +137,7 @@ def apply_to_position(
 ) -> PositionResult:
     """``position`` (None: flat, new) after ``fill``; a deal already applied changes nothing."""
     side = Side(fill.side)
-    contract_size = symbols[fill.symbol].contract_size
+    symbols[fill.symbol]  # an unknown symbol: UnknownSymbol
     if position is None:
         position = Position(account=fill.account, symbol=fill.symbol, updated_at=now)
     elif (position.account, position.symbol) != (fill.account, fill.symbol):
@@ -120,19 +153,35 @@ def apply_to_position(
         raise ValueError(f"deal {fill.deal}: volume {fill.volume} is not a positive number of lots")
     if max_deals < 1:
         raise ValueError("max_deals must be at least 1")
+    profit = fill.profit
+    if not math.isfinite(profit):
+        raise ValueError(f"deal {fill.deal}: profit must be finite, got {profit}")
+    if fill.currency != position.currency and position.realized_pnl != 0:
+        raise ValueError(
+            f"deal {fill.deal}: profit in {fill.currency}, but position {position.key} has realized PnL "
+            f"in {position.currency}: one position's PnL is in one currency"
+        )
 
     net = to_units(position.net_volume)
-    delta = side.sign * qty
     avg = position.avg_open_price
     if net != 0 and avg is None:
         raise ValueError(f"position {position.key} has volume {position.net_volume} but no average price")
+    unapplied = 0
+    if fill.entry == "out":  # only ever reduces: never opens, adds to or reverses a position
+        reducible = abs(net) if _sign(net) == -side.sign else 0
+        unapplied = max(0, qty - reducible)
+        qty -= unapplied
+    delta = side.sign * qty
 
     closed = opened = 0
     pnl_price = 0.0
     reversed_ = False
     new_net = net + delta
-    if net == 0:
-        new_avg: float | None = fill.price
+    new_avg: float | None
+    if qty == 0:  # an exit of nothing we hold
+        new_avg = avg
+    elif net == 0:
+        new_avg = fill.price
         opened = qty
     elif _sign(net) == _sign(delta):
         new_avg = (avg * abs(net) + fill.price * qty) / abs(new_net)  # type: ignore[operator]
@@ -149,13 +198,14 @@ def apply_to_position(
             opened = abs(new_net)
             reversed_ = True
 
-    pnl = pnl_price * contract_size
     updated = position.model_copy(
         update={
             "net_volume": to_lots(new_net),
             "avg_open_price": new_avg,
             "realized_pnl_price": round(position.realized_pnl_price + pnl_price, PNL_PRICE_DECIMALS) + 0.0,
-            "realized_pnl": round(position.realized_pnl + pnl, PNL_DECIMALS) + 0.0,
+            "realized_pnl": round(position.realized_pnl + profit, PNL_DECIMALS) + 0.0,
+            "currency": fill.currency,
+            "ticket": fill.position if fill.position is not None else position.ticket,
             "fills": position.fills + 1,
             "last_deal": fill.deal,
             "deals": (*position.deals, fill.deal)[-max_deals:],
@@ -168,8 +218,9 @@ def apply_to_position(
         closed_volume=to_lots(closed),
         opened_volume=to_lots(opened),
         realized_pnl_price=round(pnl_price, PNL_PRICE_DECIMALS) + 0.0,
-        realized_pnl=round(pnl, PNL_DECIMALS) + 0.0,
+        realized_pnl=round(profit, PNL_DECIMALS) + 0.0,
         reversed=reversed_,
+        unapplied_volume=to_lots(unapplied),
     )
 
 
@@ -195,12 +246,22 @@ def correct_position(
     *,
     account: str | None = None,
     symbol: str | None = None,
+    broker_deals: Iterable[int] = (),
+    broker_ticket: int | None = None,
+    max_deals: int = MAX_DEALS,
 ) -> Position:
     """The position set to the broker's net volume and average price (a correction).
 
-    Realized PnL, the fill count and the deal history are kept: the broker's snapshot says
-    nothing about them, and the unexplained difference is not invented as PnL.  For a
-    position we do not hold (``position`` None) pass ``account`` and ``symbol``.
+    ``broker_deals`` are the tickets of the deals the broker's position is made of: they are
+    added to ``Position.deals`` (those not there yet, in their order; bounded by
+    ``max_deals``), so a deal still on its way to us is a duplicate when it arrives instead
+    of being added on top of the broker's volume.  ``broker_ticket``, when given, becomes
+    the position's ticket.
+
+    Realized PnL and the fill count are kept: the broker's snapshot says nothing about
+    them, and the unexplained difference is not invented as PnL.  (The profit of a deal the
+    correction covered is therefore not counted when the deal arrives.)  For a position we
+    do not hold (``position`` None) pass ``account`` and ``symbol``.
     """
     if position is None:
         if not account or not symbol:
@@ -213,10 +274,23 @@ def correct_position(
     net = to_units(broker_net_volume)
     if net != 0 and (broker_avg_price is None or not math.isfinite(broker_avg_price) or broker_avg_price <= 0):
         raise ValueError(f"a non-flat broker position needs a positive average price, got {broker_avg_price}")
+    if max_deals < 1:
+        raise ValueError("max_deals must be at least 1")
+    deals = list(position.deals)
+    known = set(deals)
+    for d in broker_deals:
+        d = int(d)
+        if d <= 0:
+            raise ValueError(f"broker deal tickets are positive, got {d}")
+        if d not in known:
+            known.add(d)
+            deals.append(d)
     return position.model_copy(
         update={
             "net_volume": to_lots(net),
             "avg_open_price": broker_avg_price if net != 0 else None,
+            "deals": tuple(deals[-max_deals:]),
+            "ticket": broker_ticket or position.ticket,
             "version": position.version + 1,
             "updated_at": now,
         }

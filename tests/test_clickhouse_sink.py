@@ -4,21 +4,30 @@ a temporary directory: loading, dead letters, a ClickHouse outage, and a restart
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from app.kafka_io import end_offsets
-from app.models import Execution, Order, OrderState, OrderType, Position, Side, to_json
+from app.models import Execution, Order, OrderIntent, OrderState, OrderType, Position, Side, to_json
 from app.settings import Settings
-from app.sinks.clickhouse import ClickHouseStore
+from app.sinks.clickhouse import TABLES, ClickHouseStore, to_row
 from app.sinks.kafka_clickhouse import ClickHouseSink
 from app.topics import EXECUTIONS, ORDERS_STATUS, POSITIONS, SINK_DLQ, ensure_topics
 from support import FlakyStore, read_topic, wait_until
+from tables.order_types import MAGIC
 
 SOURCES = [ORDERS_STATUS, EXECUTIONS, POSITIONS]
+#: The columns the exit / PnL / command-layer version added to each raw table.
+ADDED = {
+    "orders": {"intent", "time_in_force", "expires_at", "position_ticket", "commands"},
+    "executions": {"entry", "reason", "position", "profit", "currency", "magic"},
+    "positions": {"currency", "ticket"},
+}
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
 
@@ -288,3 +297,50 @@ async def test_rebalance_flushes_and_commits_the_pending_batch(topics: Settings,
         store.close()
     committed, ends = await committed_vs_end(settings, a.group_id)
     assert committed == ends and sum(ends.values()) == 60
+
+
+async def test_sink_upgrades_an_old_database_and_stores_the_new_columns(topics: Settings, dsn: str) -> None:
+    """A chDB database made by the previous version (no exit, PnL or command columns), with
+    rows: the sink's start adds the columns, then loads records with the new fields, and
+    records of an older producer (without them) get the models' defaults."""
+    settings = topics
+    old_tables = [replace(t, columns=tuple(c for c in t.columns if c.name not in ADDED[t.name])) for t in TABLES]
+    with ClickHouseStore.from_dsn(dsn) as old:
+        for t in old_tables:
+            old.command(t.create_table())
+            old.command(t.create_view())
+        old._client.insert("positions_log", [to_row(old_tables[2], position("EURUSD", 1))],
+                           column_names=old_tables[2].column_names)
+
+    sl = execution(1).model_copy(update=dict(
+        execution_id="o-0001:20001", deal=20_001, side=Side.SELL, entry="out", reason="sl", position=30_001,
+        profit=-120.5, currency="EUR", magic=MAGIC))
+    legacy = orjson.loads(to_json(execution(2)))
+    for f in ADDED["executions"]:
+        legacy.pop(f)
+    closed = position("EURUSD", 2).model_copy(update=dict(net_volume=0.0, avg_open_price=None, realized_pnl=-120.5,
+                                                         currency="EUR", ticket=30_001))
+    close = order_snapshots(3)[-1].model_copy(update=dict(intent=OrderIntent.CLOSE, position_ticket=30_001,
+                                                          commands=("close-1",)))
+    await produce(settings, [
+        (EXECUTIONS, b"acc-1:EURUSD", to_json(sl)),
+        (EXECUTIONS, b"acc-1:EURUSD", orjson.dumps(legacy)),
+        (POSITIONS, b"acc-1:EURUSD", to_json(closed)),
+        (ORDERS_STATUS, close.order_id.encode(), to_json(close)),
+    ])
+    store = ClickHouseStore.from_dsn(dsn)  # the sink runs ensure_schema itself
+    sink = ClickHouseSink(settings, store=store, flush_interval=0.1)
+    try:
+        await sink.start()
+        await sink.wait_idle(timeout=30)
+        assert sink.stats["dead_letters"] == 0
+        assert store.query(
+            "SELECT deal, entry, reason, position, profit, currency, magic FROM executions ORDER BY deal") == [
+            (10_002, "in", "expert", None, 0.0, "USD", 0), (20_001, "out", "sl", 30_001, -120.5, "EUR", MAGIC)]
+        assert store.query("SELECT version, net_volume, realized_pnl, currency, ticket FROM positions") == [
+            (2, 0.0, -120.5, "EUR", 30_001)]
+        assert store.query("SELECT intent, time_in_force, position_ticket, commands FROM orders") == [
+            ("close", "GTC", 30_001, ["close-1"])]
+    finally:
+        await sink.stop()
+        store.close()

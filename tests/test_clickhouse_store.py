@@ -4,13 +4,15 @@ idempotence and the service description's seed queries, run verbatim."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from app.models import Execution, Order, OrderState, OrderType, Position, Side
-from app.sinks.clickhouse import TABLES, ClickHouseStore
+from app.models import Execution, Order, OrderIntent, OrderState, OrderType, Position, Side, TimeInForce
+from app.sinks.clickhouse import TABLES, ClickHouseStore, to_row
+from tables.order_types import MAGIC
 
 # --- the seed queries of the service description ("Query Orders and Executions"), verbatim --
 
@@ -283,3 +285,106 @@ def test_unsupported_dsn_and_unstorable_values(store: ClickHouseStore) -> None:
         store.insert_orders([order.model_copy(update={"broker_ticket": 2**70})])
     assert store.insert_orders([]) == 0
     assert store.count("orders") == 0
+
+
+# --- columns of the command layer and of broker exits ---------------------------------------
+
+
+def exit_execution(i: int, **kw) -> Execution:
+    """The stop-loss exit of a position: a sell deal of the broker, with its profit."""
+    fields = dict(
+        execution_id=f"o-{i}:{8000 + i}", order_id=f"o-{i}", signal_id=f"s-{i}", account="acc-1", symbol="EURUSD",
+        side=Side.SELL, deal=8000 + i, ticket=None, price=1.0950, volume=0.5, expected_price=1.0950,
+        slippage_pips=0.0, cumulative_volume=0.5, avg_fill_price=1.1, order_state=OrderState.FILLED,
+        time=NOW - timedelta(minutes=1), entry="out", reason="sl", position=4000 + i, profit=-250.0,
+        currency="EUR", magic=MAGIC,
+    )
+    return Execution(**{**fields, **kw})
+
+
+def test_exit_and_command_columns_round_trip(store: ClickHouseStore) -> None:
+    execs = [exit_execution(1), exit_execution(2, entry="inout", reason="stop_out", profit=12.34),
+             exit_execution(3, entry="in", reason="expert", position=None, profit=0.0, currency="USD", magic=0)]
+    store.insert_executions(execs)
+    rows = store.query_dicts("SELECT * FROM executions ORDER BY execution_id")
+    assert [Execution.model_validate(r) for r in rows] == execs
+    assert store.query("SELECT reason, entry, position, profit, currency, magic FROM executions ORDER BY deal")[0] == (
+        "sl", "out", 4001, -250.0, "EUR", MAGIC)
+    # PnL of the exits by reason, as an analyst would ask it
+    assert store.query("SELECT reason, sum(profit) FROM executions WHERE entry != 'in' GROUP BY reason ORDER BY reason") == [
+        ("sl", -250.0), ("stop_out", 12.34)]
+
+    close = lifecycle(1, "EURUSD", OrderState.FILLED, timedelta(hours=1), 0.0, side=Side.SELL)[-1].model_copy(update=dict(
+        intent=OrderIntent.CLOSE, position_ticket=4001, commands=("c-1", "c-2")))
+    gtd = lifecycle(2, "GBPUSD", OrderState.SUBMITTED, timedelta(hours=1))[-1].model_copy(update=dict(
+        order_type=OrderType.LIMIT, time_in_force=TimeInForce.GTD, expires_at=NOW + timedelta(hours=3)))
+    store.insert_orders([close, gtd])
+    rows = store.query_dicts("SELECT * FROM orders ORDER BY order_id")
+    assert [Order.model_validate({k: v for k, v in r.items() if k != "fill_price"}) for r in rows] == [close, gtd]
+    assert store.query("SELECT intent, time_in_force, expires_at, position_ticket, commands FROM orders ORDER BY order_id") == [
+        ("close", "GTC", None, 4001, ["c-1", "c-2"]), ("open", "GTD", NOW + timedelta(hours=3), None, [])]
+
+    p = Position(account="acc-1", symbol="EURUSD", net_volume=0.0, realized_pnl=-250.0, currency="EUR", ticket=4001,
+                 fills=2, last_deal=8001, deals=(7001, 8001), version=2, updated_at=NOW)
+    store.insert_positions([p])
+    [row] = store.query_dicts("SELECT * FROM positions")
+    assert Position.model_validate(row) == p and (row["currency"], row["ticket"]) == ("EUR", 4001)
+
+
+#: The columns this version added to each raw table.
+ADDED = {
+    "orders": {"intent", "time_in_force", "expires_at", "position_ticket", "commands"},
+    "executions": {"entry", "reason", "position", "profit", "currency", "magic"},
+    "positions": {"currency", "ticket"},
+}
+
+
+def test_a_database_of_the_old_schema_gets_the_new_columns(tmp_path: Path) -> None:
+    """Tables and views made by the previous version (without the new columns) and rows in
+    them: ``ensure_schema`` adds the columns in place, the views show them, old rows read the
+    models' defaults, and a new version of an old row still replaces it."""
+    dsn = f"chdb:///{tmp_path / 'old'}"
+    old_tables = [replace(t, columns=tuple(c for c in t.columns if c.name not in ADDED[t.name])) for t in TABLES]
+    with ClickHouseStore.from_dsn(dsn) as old:
+        for t in old_tables:
+            old.command(t.create_table())
+            old.command(t.create_view())
+        assert "intent" not in old.columns_of("orders_log") and "profit" not in old.columns_of("executions")
+        order = lifecycle(1, "EURUSD", OrderState.SUBMITTED, timedelta(hours=1))[-1]
+        execution = exit_execution(1, entry="in", reason="expert", position=None, profit=0.0, currency="USD", magic=0)
+        position = Position(account="acc-1", symbol="EURUSD", net_volume=1.0, avg_open_price=1.1, fills=1,
+                            last_deal=8001, deals=(8001,), version=1, updated_at=NOW)
+        for t, m in zip(old_tables, (order, execution, position)):  # rows of the old columns only
+            old._client.insert(t.log_table, [to_row(t, m)], column_names=t.column_names)
+
+    with ClickHouseStore.from_dsn(dsn) as store:
+        store.ensure_schema()
+        for t in TABLES:
+            assert store.columns_of(t.log_table) == t.column_names, t.name  # in place, in order
+            view = store.columns_of(t.name)
+            assert ADDED[t.name] <= set(view) and set(view) - {"fill_price"} == set(t.column_names)
+        # old rows read back as the models with their defaults
+        [o] = store.query_dicts("SELECT * FROM orders")
+        assert Order.model_validate({k: v for k, v in o.items() if k != "fill_price"}) == order
+        assert (o["intent"], o["time_in_force"], o["expires_at"], o["position_ticket"], o["commands"]) == (
+            "open", "GTC", None, None, [])
+        [e] = store.query_dicts("SELECT * FROM executions")
+        assert Execution.model_validate(e) == execution
+        assert (e["entry"], e["reason"], e["position"], e["profit"], e["currency"], e["magic"]) == (
+            "in", "expert", None, 0.0, "USD", 0)
+        [p] = store.query_dicts("SELECT * FROM positions")
+        assert Position.model_validate(p) == position and (p["currency"], p["ticket"]) == ("USD", None)
+        # new rows of every column, and a newer version of the old position replaces it
+        newer = position.model_copy(update=dict(net_volume=0.0, avg_open_price=None, realized_pnl=-50.0, currency="EUR",
+                                                ticket=4001, version=2))
+        store.insert_positions([newer])
+        store.insert_executions([exit_execution(2)])
+        assert [Position.model_validate(r) for r in store.query_dicts("SELECT * FROM positions")] == [newer]
+        assert store.query("SELECT deal, entry, currency FROM executions ORDER BY deal") == [
+            (8001, "in", "USD"), (8002, "out", "EUR")]
+        store.command("OPTIMIZE TABLE positions_log FINAL")
+        assert store.query("SELECT count(), any(currency) FROM positions_log") == [(1, "EUR")]
+        # and again: nothing left to add
+        assert all(t.add_columns(store.columns_of(t.log_table)) == [] for t in TABLES)
+        store.ensure_schema()
+        assert store.count("executions") == 2

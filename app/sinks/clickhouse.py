@@ -27,6 +27,13 @@ what lets the seed queries of the service description run unchanged (``FROM orde
 (ClickHouse never moves non-key predicates to PREWHERE under FINAL), so filtering on ``state``
 or ``created_at`` sees the latest snapshot only.
 
+Schema changes: a column added to a model is added to its table's ``columns`` (with a
+``default`` when the type's own is not the model's).  :meth:`ClickHouseStore.ensure_schema`,
+run at every start, creates what is missing, adds the columns an existing raw table lacks
+(``ALTER TABLE ... ADD COLUMN IF NOT EXISTS ... AFTER ...``, so the layout matches a fresh
+table; rows written before read the DEFAULT) and recreates the views (``CREATE OR REPLACE
+VIEW``), which list their columns explicitly.  The same statements run on chDB and a server.
+
 Slippage (``slippage_pips``) is in pips, positive = adverse (worse for us): a buy filled above,
 or a sell filled below, its expected price.  It is a column COMMENT of the raw tables.
 
@@ -66,10 +73,14 @@ class Column:
     name: str
     type: str
     comment: str = ""
+    #: A DEFAULT expression: what rows written before the column was added read as (the
+    #: model's default), e.g. ``'USD'``.  None: the type's default (0, '', NULL, []).
+    default: str | None = None
 
     def ddl(self) -> str:
+        default = f" DEFAULT {self.default}" if self.default is not None else ""
         comment = f" COMMENT '{_sql_str(self.comment)}'" if self.comment else ""
-        return f"    {self.name} {self.type}{comment}"
+        return f"    {self.name} {self.type}{default}{comment}"
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,18 @@ class Table:
     @property
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
+
+    def add_columns(self, existing: Iterable[str] | None = None) -> list[str]:
+        """``ALTER TABLE ... ADD COLUMN IF NOT EXISTS``, in place (``AFTER`` its predecessor),
+        for each column not in ``existing`` (None: for every column but the first): brings a
+        raw table made by an older schema to this one.  Rows written before read the column's
+        DEFAULT.  The view must be recreated after it (:meth:`create_view`)."""
+        have = set(existing) if existing is not None else {self.columns[0].name}
+        return [
+            f"ALTER TABLE {self.log_table} ADD COLUMN IF NOT EXISTS {c.ddl().strip()} AFTER {prev.name}"
+            for prev, c in zip(self.columns, self.columns[1:])
+            if c.name not in have
+        ]
 
     def create_table(self) -> str:
         cols = ",\n".join(c.ddl() for c in self.columns)
@@ -150,6 +173,12 @@ ORDERS = Table(
         Column("retcode", "Nullable(Int64)"),
         Column("reason", "Nullable(String)"),
         Column("attempts", "Int64", "submissions sent to the broker"),
+        Column("intent", "LowCardinality(String)", "open | close: trade a signal, or close (part of) a position",
+               "'open'"),
+        Column("time_in_force", "LowCardinality(String)", "GTC | DAY | GTD (pending orders)", "'GTC'"),
+        Column("expires_at", f"Nullable({DT})", "when a DAY or GTD order stops working"),
+        Column("position_ticket", "Nullable(Int64)", "the broker position this order opened or closes"),
+        Column("commands", "Array(String)", "ids of the commands applied (cancel, modify, ...), newest last"),
         Column("version", "UInt64", "lifecycle events applied: the ReplacingMergeTree version"),
         Column("created_at", DT),
         Column("updated_at", DT),
@@ -182,6 +211,14 @@ EXECUTIONS = Table(
         Column("avg_fill_price", "Float64", "order's VWAP after this fill"),
         Column("order_state", "LowCardinality(String)", "order's state after this fill"),
         Column("time", DT, "broker deal time"),
+        Column("entry", "LowCardinality(String)", "in | out | inout: opened/added, reduced/closed, reversed", "'in'"),
+        Column("reason", "LowCardinality(String)",
+               "expert (an order sent through the connector) | client (by hand at a terminal) | sl | tp | stop_out",
+               "'expert'"),
+        Column("position", "Nullable(Int64)", "broker position ticket"),
+        Column("profit", "Float64", "the broker's profit of the deal, in currency"),
+        Column("currency", "LowCardinality(String)", "the account's deposit currency", "'USD'"),
+        Column("magic", "UInt64", "MT5 magic number of the deal"),
     ),
 )
 
@@ -198,7 +235,9 @@ POSITIONS = Table(
         Column("net_volume", "Float64", "lots, + long / - short"),
         Column("avg_open_price", "Nullable(Float64)", "of the open net volume; NULL when flat"),
         Column("realized_pnl_price", "Float64", "sum of (close - open) x lots x direction"),
-        Column("realized_pnl", "Float64", "quote (account) currency"),
+        Column("realized_pnl", "Float64", "sum of the broker's deal profit, in currency"),
+        Column("currency", "LowCardinality(String)", "the account currency of realized_pnl", "'USD'"),
+        Column("ticket", "Nullable(Int64)", "the broker's position ticket (from the last deal)"),
         Column("fills", "Int64"),
         Column("last_deal", "Nullable(Int64)"),
         Column("deals", "Array(Int64)", "recent deal tickets applied (bounded)"),
@@ -300,12 +339,26 @@ class ClickHouseStore:
 
     # --- schema -------------------------------------------------------------------------
     def schema_statements(self) -> list[str]:
-        return [stmt for t in TABLES for stmt in (t.create_table(), t.create_view())]
+        """Every statement :meth:`ensure_schema` may run, per table: create the raw table,
+        add the columns an older schema lacks, (re)create the view."""
+        return [stmt for t in TABLES for stmt in (t.create_table(), *t.add_columns(), t.create_view())]
+
+    def columns_of(self, table: str) -> list[str]:
+        """The columns of a table (or view) of the current database, in order."""
+        return [name for (name,) in self.query(
+            "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String} "
+            "ORDER BY position", {"t": table})]
 
     def ensure_schema(self) -> None:
-        """Create the raw tables (IF NOT EXISTS) and (re)create the views: idempotent."""
-        for stmt in self.schema_statements():
-            self.command(stmt)
+        """Create the raw tables (IF NOT EXISTS), add the columns a table made by an older
+        schema lacks (``ALTER TABLE ... ADD COLUMN IF NOT EXISTS``), and (re)create the views
+        so they show them: idempotent, and safe against a second process doing the same."""
+        for t in TABLES:
+            self.command(t.create_table())
+            for stmt in t.add_columns(self.columns_of(t.log_table)):
+                log.info("ClickHouse schema: %s", stmt.split(" COMMENT ")[0])
+                self.command(stmt)
+            self.command(t.create_view())
 
     # --- inserts ------------------------------------------------------------------------
     def _insert(self, table: Table, models: Sequence[BaseModel]) -> int:

@@ -24,6 +24,10 @@ Delivery: at-least-once into idempotent tables.
   ReplacingMergeTree tables and their ``FINAL`` views (see :mod:`app.sinks.clickhouse`) keep
   one row per key, the latest version.
 
+At start the schema is ensured (:meth:`~app.sinks.clickhouse.ClickHouseStore.ensure_schema`):
+a database made by an older version gets the new columns before the first insert, and the
+records of an older producer (without the new fields) are stored with the models' defaults.
+
 chDB is in-process and its data directory must be opened by one process only: the sink owns
 it (``execution sink``, or the demo, which runs the sink in its own process).
 """

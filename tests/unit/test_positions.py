@@ -1,4 +1,5 @@
-"""Net positions: increases, partial and full closes, reversals, dedupe, corrections."""
+"""Net positions: increases, partial and full closes, reversals, dedupe, corrections; realized
+PnL as the sum of the broker's deal profit, and our own price-terms figure."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 NOW = T0 + timedelta(seconds=1)
 
 
-def pf(deal: int, side: Side, price: float, volume: float, symbol: str = "EURUSD", account: str = "acc-1"):
-    return PositionFill(account, symbol, side, price, volume, deal, T0)
+def pf(deal: int, side: Side, price: float, volume: float, symbol: str = "EURUSD", account: str = "acc-1", **kw):
+    return PositionFill(account, symbol, side, price, volume, deal, T0, **kw)
 
 
 def run(fills, position: Position | None = None, **kw) -> Position | None:
@@ -44,49 +45,53 @@ def test_open_increase_partial_close_full_close():
     p = r.position
     assert p.net_volume == 2.0 and p.avg_open_price == pytest.approx(1.1005, abs=1e-12)
 
-    r = apply_to_position(p, pf(3, Side.SELL, 1.1025, 0.5), DEFAULT_SYMBOLS, NOW)
+    # the broker books 20 pips x 0.5 lot x 100k = 100 (its own figure is what counts)
+    r = apply_to_position(p, pf(3, Side.SELL, 1.1025, 0.5, profit=100.0, entry="out"), DEFAULT_SYMBOLS, NOW)
     p = r.position
     assert p.net_volume == 1.5 and p.avg_open_price == pytest.approx(1.1005, abs=1e-12)
     assert r.closed_volume == 0.5 and r.opened_volume == 0.0 and not r.reversed
     assert r.realized_pnl_price == pytest.approx(0.001, abs=1e-10)
-    assert r.realized_pnl == pytest.approx(100.0, abs=1e-6)  # 20 pips x 0.5 lot x 100k
-    assert p.realized_pnl == pytest.approx(100.0, abs=1e-6)
+    assert r.realized_pnl == 100.0 and p.realized_pnl == 100.0
 
-    r = apply_to_position(p, pf(4, Side.SELL, 1.0995, 1.5), DEFAULT_SYMBOLS, NOW)
+    r = apply_to_position(p, pf(4, Side.SELL, 1.0995, 1.5, profit=-150.0, entry="out"), DEFAULT_SYMBOLS, NOW)
     p = r.position
     assert p.net_volume == 0.0 and p.avg_open_price is None
-    assert r.realized_pnl == pytest.approx(-150.0, abs=1e-6)
-    assert p.realized_pnl == pytest.approx(-50.0, abs=1e-6)
+    assert r.realized_pnl == -150.0
+    assert p.realized_pnl == -50.0
     assert p.realized_pnl_price == pytest.approx(-0.0005, abs=1e-10)
     assert (p.fills, p.version, p.deals) == (4, 4, (1, 2, 3, 4))
 
 
 def test_reversal_closes_all_and_opens_the_rest_at_the_fill_price():
     p = run([pf(1, Side.BUY, 1.1000, 1.0)])
-    r = apply_to_position(p, pf(2, Side.SELL, 1.1020, 3.0), DEFAULT_SYMBOLS, NOW)
+    r = apply_to_position(p, pf(2, Side.SELL, 1.1020, 3.0, profit=200.0, entry="inout"), DEFAULT_SYMBOLS, NOW)
     p = r.position
     assert r.reversed and r.closed_volume == 1.0 and r.opened_volume == 2.0
     assert p.net_volume == -2.0 and p.avg_open_price == 1.1020
-    assert p.realized_pnl == pytest.approx(200.0, abs=1e-6)
-    # and back: short 2 @ 1.1020 covered by a buy of 2.5 @ 1.1000 -> +400, long 0.5 @ 1.1000
-    r = apply_to_position(p, pf(3, Side.BUY, 1.1000, 2.5), DEFAULT_SYMBOLS, NOW)
-    assert r.reversed and r.realized_pnl == pytest.approx(400.0, abs=1e-6)
+    assert p.realized_pnl == 200.0 and p.realized_pnl_price == pytest.approx(0.002, abs=1e-10)
+    # and back: short 2 @ 1.1020 covered by a buy of 2.5 @ 1.1000 -> +400, long 0.5 @ 1.1000;
+    # the broker booked 399.5 (its own rounding, a swap): its figure is the PnL
+    r = apply_to_position(p, pf(3, Side.BUY, 1.1000, 2.5, profit=399.5, entry="inout"), DEFAULT_SYMBOLS, NOW)
+    assert r.reversed and r.realized_pnl == 399.5 and r.realized_pnl_price == pytest.approx(0.004, abs=1e-10)
     assert r.position.net_volume == 0.5 and r.position.avg_open_price == 1.1000
-    assert r.position.realized_pnl == pytest.approx(600.0, abs=1e-6)
+    assert r.position.realized_pnl == 599.5 and r.position.realized_pnl_price == pytest.approx(0.006, abs=1e-10)
 
 
 def test_short_profit_is_positive():
-    p = run([pf(1, Side.SELL, 1.1050, 1.0), pf(2, Side.BUY, 1.1000, 1.0)])
-    assert p.realized_pnl == pytest.approx(500.0, abs=1e-6) and p.net_volume == 0.0
+    p = run([pf(1, Side.SELL, 1.1050, 1.0), pf(2, Side.BUY, 1.1000, 1.0, profit=500.0, entry="out")])
+    assert p.realized_pnl == 500.0 and p.realized_pnl_price == pytest.approx(0.005) and p.net_volume == 0.0
 
 
-def test_contract_sizes_metals_and_jpy():
-    gold = run([pf(1, Side.BUY, 2345.6, 0.1, "XAUUSD"), pf(2, Side.SELL, 2350.6, 0.1, "XAUUSD")])
-    assert gold.realized_pnl_price == pytest.approx(0.5) and gold.realized_pnl == pytest.approx(50.0)
-    silver = run([pf(1, Side.SELL, 29.50, 1.0, "XAGUSD"), pf(2, Side.BUY, 29.40, 1.0, "XAGUSD")])
-    assert silver.realized_pnl == pytest.approx(500.0)  # 0.10 x 5000 oz
-    jpy = run([pf(1, Side.BUY, 151.000, 1.0, "USDJPY"), pf(2, Side.SELL, 151.250, 1.0, "USDJPY")])
-    assert jpy.realized_pnl == pytest.approx(25_000.0)  # in JPY, the quote currency
+def test_price_terms_of_metals_and_jpy_and_the_broker_profit_in_the_account_currency():
+    gold = run([pf(1, Side.BUY, 2345.6, 0.1, "XAUUSD"), pf(2, Side.SELL, 2350.6, 0.1, "XAUUSD", profit=50.0)])
+    assert gold.realized_pnl_price == pytest.approx(0.5) and gold.realized_pnl == 50.0
+    silver = run([pf(1, Side.SELL, 29.50, 1.0, "XAGUSD"), pf(2, Side.BUY, 29.40, 1.0, "XAGUSD", profit=500.0)])
+    assert silver.realized_pnl_price == pytest.approx(0.10) and silver.realized_pnl == 500.0
+    # 25 pips on USDJPY are 25,000 JPY of quote currency; the broker books the account's
+    # currency at its conversion rate: that amount is the PnL, not a JPY figure
+    jpy = run([pf(1, Side.BUY, 151.000, 1.0, "USDJPY", currency="EUR"),
+               pf(2, Side.SELL, 151.250, 1.0, "USDJPY", profit=152.31, currency="EUR")])
+    assert jpy.realized_pnl_price == pytest.approx(0.25) and (jpy.realized_pnl, jpy.currency) == (152.31, "EUR")
 
 
 def test_duplicate_deal_changes_nothing():
@@ -109,10 +114,21 @@ def test_execution_records_are_fill_like():
         cumulative_volume=0.3, avg_fill_price=1.2711, order_state=OrderState.FILLED, time=T0,
     )  # fmt: skip
     p = apply_to_position(None, e, DEFAULT_SYMBOLS, NOW).position
-    assert (p.key, p.net_volume, p.avg_open_price, p.deals) == ("acc-9:GBPUSD", -0.3, 1.2711, (7,))
-    f = Fill(order_id="o-1", deal=8, symbol="GBPUSD", side=Side.BUY, price=1.27, volume=0.3, time=T0)
-    p = apply_to_position(p, PositionFill.from_fill(f, "acc-9"), DEFAULT_SYMBOLS, NOW).position
-    assert p.net_volume == 0.0 and p.realized_pnl == pytest.approx(33.0, abs=1e-6)
+    assert (p.key, p.net_volume, p.avg_open_price, p.deals, p.ticket) == ("acc-9:GBPUSD", -0.3, 1.2711, (7,), None)
+    # the take-profit of the position: an exit deal with the broker's profit, in GBP
+    e2 = e.model_copy(update=dict(
+        execution_id="o-1:8", deal=8, side=Side.BUY, price=1.27, entry="out", reason="tp", position=555,
+        profit=33.0, currency="GBP"))
+    r = apply_to_position(p, e2, DEFAULT_SYMBOLS, NOW)
+    p = r.position
+    assert (p.net_volume, p.realized_pnl, p.currency, p.ticket) == (0.0, 33.0, "GBP", 555)
+    assert r.realized_pnl == 33.0 and r.closed_volume == 0.3
+    f = Fill(order_id="o-2", deal=9, symbol="GBPUSD", side=Side.SELL, price=1.2650, volume=0.1, time=T0,
+             account="acc-9", position=556, currency="GBP")
+    p = apply_to_position(p, PositionFill.from_fill(f), DEFAULT_SYMBOLS, NOW).position
+    assert (p.net_volume, p.ticket, p.currency, p.realized_pnl) == (-0.1, 556, "GBP", 33.0)
+    # the order's account may be given instead of the fill's
+    assert PositionFill.from_fill(f, "acc-3").account == "acc-3"
 
 
 def test_bad_inputs():
@@ -153,8 +169,10 @@ def test_correct_position():
     with pytest.raises(ValueError):
         correct_position(p, 0.2, 1.27, later, symbol="GBPUSD")
     # a corrected position keeps taking deals from its new state
-    r = apply_to_position(c, pf(3, Side.BUY, 1.1000, 0.3), DEFAULT_SYMBOLS, later)
-    assert r.position.net_volume == 0.0 and r.realized_pnl == pytest.approx(150.0, abs=1e-6)
+    r = apply_to_position(c, pf(3, Side.BUY, 1.1000, 0.3, profit=150.0), DEFAULT_SYMBOLS, later)
+    assert r.position.net_volume == 0.0 and r.realized_pnl == 150.0
+    assert r.position.realized_pnl == p.realized_pnl + 150.0
+    assert r.realized_pnl_price == pytest.approx(0.0015, abs=1e-10)
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,7 +188,8 @@ def deals(draw):
         side = draw(st.sampled_from([Side.BUY, Side.SELL]))
         lots = draw(st.integers(1, 300)) / 100
         price = round(1.08 + draw(st.integers(-500, 500)) / 1e5, 5)
-        out.append(pf(10 + i, side, price, lots))
+        profit = draw(st.integers(-100_000, 100_000)) / 100  # cents, as the broker books them
+        out.append(pf(10 + i, side, price, lots, profit=profit))
     dups = draw(st.lists(st.sampled_from(out), max_size=8))
     seq = out + dups
     random.Random(draw(st.integers(0, 2**32 - 1))).shuffle(seq)
@@ -192,7 +211,98 @@ def test_net_volume_and_total_pnl_invariants(seq, mark_offset):
         assert round(p.net_volume * 100) == sum(round(d.volume * 100) * d.side.sign for d in applied.values())
         assert (p.avg_open_price is None) == (p.net_volume == 0.0)
     assert p.fills == len(applied)
-    # realized + unrealized at any mark == PnL of the deals computed directly
+    # our price terms: realized + unrealized at any mark == PnL of the deals computed directly
     direct = sum(d.side.sign * d.volume * (mark - d.price) for d in applied.values())
     assert p.realized_pnl_price + unrealized_pnl_price(p, mark) == pytest.approx(direct, abs=1e-9)
-    assert p.realized_pnl + unrealized_pnl(p, mark, DEFAULT_SYMBOLS) == pytest.approx(direct * 100_000, abs=1e-4)
+    # the broker's figure: the sum of the profit of each distinct deal, once
+    assert p.realized_pnl == pytest.approx(sum(d.profit for d in applied.values()), abs=1e-6)
+    assert p.realized_pnl == round(p.realized_pnl, 6)
+
+
+# ---------------------------------------------------------------------------------------
+# Reconciliation corrections and deals still in flight
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_deal_in_flight_during_a_correction_counts_once():
+    """The defect: a deal in flight for more than the confirm delay looks MISSING_OURS; the
+    correction set the broker's volume without its deal tickets, and the late execution was
+    then added on top (1.0 lot held as 2.0).  The correction now carries the broker's deal
+    tickets, so the late deal is a duplicate."""
+    p = run([pf(1, Side.BUY, 1.1000, 0.5), pf(2, Side.SELL, 1.1010, 0.5)])  # flat, deals 1, 2
+    later = NOW + timedelta(minutes=5)
+    # the broker holds 1.0 long from deal 3, which has not reached us yet
+    c = correct_position(p, 1.0, 1.1020, later, broker_deals=[3])
+    assert c.net_volume == 1.0 and c.deals == (1, 2, 3)
+    r = apply_to_position(c, pf(3, Side.BUY, 1.1020, 1.0), DEFAULT_SYMBOLS, later)
+    assert r.is_duplicate and r.position.net_volume == 1.0
+    # and a position we did not hold at all (MISSING_OURS on a new key)
+    new = correct_position(None, -0.3, 1.27, later, account="acc-1", symbol="GBPUSD", broker_deals=[7, 8])
+    r = apply_to_position(new, pf(8, Side.SELL, 1.27, 0.2, symbol="GBPUSD"), DEFAULT_SYMBOLS, later)
+    assert r.is_duplicate and r.position.net_volume == -0.3
+
+
+def test_correction_adds_only_new_broker_deals_in_order_and_bounded():
+    p = run([pf(1, Side.BUY, 1.1, 0.1), pf(2, Side.BUY, 1.1, 0.1)])
+    c = correct_position(p, 0.4, 1.1, NOW, broker_deals=[1, 2, 5, 4, 5], broker_ticket=901)
+    assert c.deals == (1, 2, 5, 4) and c.ticket == 901 and c.fills == p.fills
+    c = correct_position(p, 0.4, 1.1, NOW, broker_deals=range(100, 110), max_deals=5)
+    assert c.deals == (105, 106, 107, 108, 109)
+    assert correct_position(p, 0.0, None, NOW).ticket is None  # no ticket given: kept
+    with pytest.raises(ValueError, match="positive"):
+        correct_position(p, 0.4, 1.1, NOW, broker_deals=[0])
+
+
+def test_an_exit_never_takes_the_position_past_flat():
+    """The broker closed the position (SL) while we were corrected to flat from its snapshot
+    (the closed position's deals are in no snapshot): the late exit deal moves nothing, its
+    profit still counts.  An exit larger than what we hold only closes what we hold."""
+    p = run([pf(1, Side.BUY, 1.1000, 1.0, position=77)])
+    flat = correct_position(p, 0.0, None, NOW)
+    r = apply_to_position(flat, pf(2, Side.SELL, 1.0950, 1.0, entry="out", profit=-500.0, position=77),
+                          DEFAULT_SYMBOLS, NOW)
+    q = r.position
+    assert (q.net_volume, q.avg_open_price, q.realized_pnl, q.fills, q.deals) == (0.0, None, -500.0, 2, (1, 2))
+    assert r.unapplied_volume == 1.0 and r.closed_volume == 0.0 and r.realized_pnl_price == 0.0
+    # we hold 0.3 (corrected), the broker's exit was 1.0: 0.3 closed, no short opened
+    part = correct_position(p, 0.3, 1.1000, NOW)
+    r = apply_to_position(part, pf(2, Side.SELL, 1.1010, 1.0, entry="out", profit=100.0), DEFAULT_SYMBOLS, NOW)
+    assert (r.position.net_volume, r.closed_volume, r.unapplied_volume, r.reversed) == (0.0, 0.3, 0.7, False)
+    # an exit on the side of the position reduces nothing we hold
+    r = apply_to_position(p, pf(3, Side.BUY, 1.1, 0.5, entry="out"), DEFAULT_SYMBOLS, NOW)
+    assert (r.position.net_volume, r.unapplied_volume) == (1.0, 0.5)
+    # "in" and "inout" deals are applied in full, as before
+    r = apply_to_position(p, pf(3, Side.SELL, 1.1, 1.5, entry="inout"), DEFAULT_SYMBOLS, NOW)
+    assert r.position.net_volume == -0.5 and r.reversed and r.unapplied_volume == 0.0
+
+
+def test_position_close_by_stop_loss_take_profit_and_stop_out():
+    """Open, scale in, then the broker closes in parts: TP, SL, stop-out; the PnL is what the
+    broker booked for each exit deal, the ticket the one the deals name."""
+    p = run([
+        pf(1, Side.BUY, 1.1000, 1.0, position=500),
+        pf(2, Side.BUY, 1.1020, 1.0, position=500, profit=-1.5),  # a commission on entry
+        pf(3, Side.SELL, 1.1060, 0.5, position=500, entry="out", profit=250.0),  # tp
+        pf(4, Side.SELL, 1.0990, 1.0, position=500, entry="out", profit=-200.0),  # sl
+        pf(5, Side.SELL, 1.0900, 0.5, position=500, entry="out", profit=-550.0),  # stop-out
+    ])
+    assert (p.net_volume, p.avg_open_price, p.ticket, p.fills) == (0.0, None, 500, 5)
+    assert p.realized_pnl == pytest.approx(-501.5, abs=1e-9)
+    # ours in price terms: avg 1.1010; (+0.005 x 0.5) + (-0.002 x 1.0) + (-0.011 x 0.5)
+    assert p.realized_pnl_price == pytest.approx(0.0025 - 0.002 - 0.0055, abs=1e-10)
+    # a new position has a new ticket
+    p = run([pf(6, Side.SELL, 1.09, 0.2, position=600)], p)
+    assert (p.ticket, p.net_volume) == (600, -0.2)
+
+
+def test_profit_rounding_and_currency():
+    p = run([pf(1, Side.BUY, 1.1, 1.0, profit=0.1), pf(2, Side.BUY, 1.1, 1.0, profit=0.2)])
+    assert p.realized_pnl == 0.3  # rounded to PNL_DECIMALS, no float noise
+    assert p.currency == "USD"
+    with pytest.raises(ValueError, match="one currency"):
+        apply_to_position(p, pf(3, Side.BUY, 1.1, 1.0, currency="EUR"), DEFAULT_SYMBOLS, NOW)
+    with pytest.raises(ValueError, match="profit"):
+        apply_to_position(p, pf(3, Side.BUY, 1.1, 1.0, profit=float("nan")), DEFAULT_SYMBOLS, NOW)
+    # a position without realized PnL takes the deal's currency
+    eur = run([pf(1, Side.BUY, 1.1, 1.0, currency="EUR")])
+    assert (eur.currency, eur.realized_pnl) == ("EUR", 0.0)
