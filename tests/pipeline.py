@@ -86,12 +86,60 @@ class Pipeline:
         items = [(f"signals.approved.{s['symbol']}", orjson.dumps(s)) for s in signals] * times
         return await publish(self.stack.nats_url, items, rate=rate, **kw)
 
-    async def set_config(self, doc: dict) -> None:
+    async def set_config(self, doc: dict, timeout: float = 30) -> int:
+        """Write the hub config and wait until every running worker has it in force."""
         nc = await nats.connect(self.stack.nats_url)
         try:
-            await hub.write(nc, doc)
+            revision = await hub.write(nc, doc)
         finally:
             await nc.close()
+        deadline = time.monotonic() + timeout
+        for svc in (self.services.running.values() if self.services else ()):
+            if svc.argv[0] != "worker" or not svc.alive:
+                continue
+            while (await asyncio.to_thread(self._worker_revision, svc.web_port) or 0) < revision:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{svc.name} did not take config revision {revision} in {timeout}s")
+                await asyncio.sleep(0.1)
+        return revision
+
+    @staticmethod
+    def _worker_revision(port: int) -> int | None:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as r:
+                return orjson.loads(r.read()).get("revision")
+        except Exception:
+            return None
+
+    async def send_command(self, kind: str, key: str, payload: dict | None = None, command_id: str | None = None) -> str:
+        """Put a command on ``orders.commands`` as the front ends do (HTTP, NATS, CLI)."""
+        import uuid
+
+        from aiokafka import AIOKafkaProducer
+
+        from app.models import OrderCommand, to_json, utcnow
+        from app.topics import ORDERS_COMMANDS
+
+        command_id = command_id or uuid.uuid4().hex
+        cmd = OrderCommand(kind=kind, key=key, payload=payload or {}, at=utcnow(), command_id=command_id, source="test")
+        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(ORDERS_COMMANDS, to_json(cmd), key=key.encode())
+        finally:
+            await producer.stop()
+        return command_id
+
+    async def broker_positions(self, magic: int | None = None) -> dict[str, contract.BrokerPositionModel]:
+        snap = contract.PositionsSnapshot.model_validate(await self._request(contract.POSITIONS, {"magic": magic}))
+        return {f"{p.account}:{p.symbol}": p for p in snap.positions}
+
+    async def broker_deals(self) -> list[contract.DealEvent]:
+        """Every deal the broker published (the MT5_FILLS stream)."""
+        return [contract.DealEvent.model_validate_json(data)
+                for _, data in await self.nats_messages("mt5.fills.>", contract.FILLS_STREAM)]
 
     # ------------------------------------------------------------------ the simulator
     async def _request(self, subject: str, payload: dict) -> dict:

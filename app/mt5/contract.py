@@ -343,6 +343,10 @@ class BrokerPositionModel(Model):
     ticket: int = 0  # the position's ticket (the ticket of the order that opened it)
     sl: float = 0.0
     tp: float = 0.0
+    #: Tickets of the deals that made the position since it opened (newest last, at most
+    #: the last 1,000): a reconciliation correction carries them, so a deal still on its
+    #: way to us is recognised as already counted.
+    deals: list[int] = Field(default_factory=list)
 
     def as_tuple(self) -> tuple[str, str, float, float | None]:
         return (self.account, self.symbol, self.net_volume, self.avg_price)
