@@ -228,11 +228,14 @@ async def _summary(settings: Settings, store, nats_url: str, web_port: int, mix:
     ):
         lines.append(f"    {symbol:<8} fills {n:>5}  avg {avg:>7.3f}  max {worst:>7.3f}")
     positions = store.query_dicts("SELECT * FROM positions ORDER BY account, symbol")
-    lines.append("  positions (account, symbol, net lots, avg open price, realized PnL in quote currency):")
+    lines.append("  positions (account, symbol, net lots, avg open price, realized PnL = the broker's deal profit):")
     for p in positions:
         avg = f"{p['avg_open_price']:.5f}" if p.get("avg_open_price") is not None else "-"
-        lines.append(f"    {p['account']:<6} {p['symbol']:<8} {p['net_volume']:>8.2f} {avg:>12} {p['realized_pnl']:>12.2f}")
-    snap = await _request(nats_url, contract.POSITIONS, {})
+        lines.append(f"    {p['account']:<6} {p['symbol']:<8} {p['net_volume']:>8.2f} {avg:>12} "
+                     f"{p['realized_pnl']:>12.2f} {p.get('currency') or ''}")
+    from tables.order_types import MAGIC
+
+    snap = await _request(nats_url, contract.POSITIONS, {"magic": MAGIC})
     broker = [(b["account"], b["symbol"], b["net_volume"], b.get("avg_price")) for b in snap.get("positions", [])]
     from app.models import Position
 

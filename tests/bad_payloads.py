@@ -32,7 +32,7 @@ FILL_FIELDS = ["order_id", "deal", "ticket", "symbol", "side", "price", "volume"
 VALID_SIGNAL = {"signal_id": "s-1", "symbol": "EURUSD", "signal_type": "buy", "entry_price": 1.08,
                 "stop_loss": 1.07, "take_profit": 1.09, "position_size": 0.1}
 VALID_FILL = {"order_id": "O1", "deal": 1, "ticket": 2, "symbol": "EURUSD", "side": "buy", "price": 1.08,
-              "volume": 0.1, "time": "2026-11-25T00:00:00Z"}
+              "volume": 0.1, "time": "2026-11-25T00:00:00Z", "magic": 20261124}  # the service's magic
 
 #: Price-like fields of each payload, and the size field (lots).
 SIGNAL_PRICES = ["entry_price", "stop_loss", "take_profit", "trigger_price", "limit_price"]

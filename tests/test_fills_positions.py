@@ -20,6 +20,7 @@ from app.sinks.kafka_clickhouse import ClickHouseSink
 from pipeline import TEST_CONFIG, Pipeline
 from tables.fills import to_units
 from tables.idempotency import order_id_for
+from tables.order_types import MAGIC
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +128,7 @@ async def test_duplicate_out_of_order_and_unknown_fills(pipe: Pipeline):
 
     def fill(deal: int, price: float, volume: float, order_id: str = i) -> dict:
         return {"order_id": order_id, "deal": deal, "ticket": 777, "symbol": "EURUSD", "side": "buy",
-                "price": price, "volume": volume, "time": now, "account": "acc-x"}
+                "price": price, "volume": volume, "time": now, "account": "acc-x", "magic": MAGIC}
 
     await publish_fills(pipe, [
         fill(9002, lim + 0.0008, 0.3),  # the later deal first, 8 pips adverse: an alert
@@ -156,7 +157,7 @@ async def test_duplicate_out_of_order_and_unknown_fills(pipe: Pipeline):
 
 
 async def test_reconciliation_finds_an_injected_discrepancy_and_corrects_it(pipe: Pipeline):
-    await pipe.sim(cmd="set_position", account="acc-9", symbol="GBPUSD", net_volume=1.5, avg_price=1.2711)
+    await pipe.sim(cmd="set_position", account="acc-9", symbol="GBPUSD", net_volume=1.5, avg_price=1.2711, magic=MAGIC)
     cfg = {"operational": {**TEST_CONFIG["operational"],
                            "position_reconciliation": {"reconcile_interval_minutes": 0.05, "auto_correct_discrepancies": True}}}
     await pipe.set_config(cfg)
