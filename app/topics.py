@@ -3,6 +3,11 @@
 Topics are created explicitly with the configured partition count: a broker's auto-create
 would pick its own default, and Faust refuses a table whose changelog partition count
 differs from its source topic's (co-partitioning is what makes a join a table lookup).
+
+An existing co-partitioned topic (or table changelog) whose partition count differs from
+``EXECUTION_TOPIC_PARTITIONS`` refuses the start (:class:`PartitionCountMismatch`): order ids
+and the keys' partitions depend on the count, so running on would route records to the wrong
+partitions.  Partitions are never added or removed here; that is a migration.
 """
 
 from __future__ import annotations
@@ -57,6 +62,31 @@ def dead_letter_value(value: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
     ]
 
 
+class PartitionCountMismatch(SystemExit):
+    """An existing topic has another partition count than the settings.
+
+    A :class:`SystemExit` (status 1, its message on stderr, no traceback) so that every
+    process meeting it at start (worker, bridge, sink) refuses to run; catch it by name to
+    handle it."""
+
+    def __init__(self, mismatches: list[tuple[str, int]], wanted: int) -> None:
+        self.mismatches, self.wanted = mismatches, wanted
+        listed = ", ".join(f"{name} has {n} partitions" for name, n in mismatches)
+        super().__init__(
+            f"refusing to start: topic {listed}, but the settings say EXECUTION_TOPIC_PARTITIONS={wanted} "
+            "(order ids and co-partitioning depend on it): set EXECUTION_TOPIC_PARTITIONS to the "
+            "topics' count, or migrate the topics")
+
+    def __str__(self) -> str:
+        return str(self.code)
+
+
+def is_changelog(name: str, settings: Settings) -> bool:
+    """A Faust table's changelog topic (``<app_id>-<table>-changelog``): co-partitioned with
+    the table's source topics."""
+    return name.startswith(f"{settings.app_id}-") and name.endswith("-changelog")
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
@@ -83,7 +113,11 @@ TOPICS: tuple[TopicSpec, ...] = (
 
 
 async def ensure_topics(settings: Settings, names: list[str] | None = None, attempts: int = 30) -> None:
-    """Create the service's topics if absent (idempotent; retried while the broker starts)."""
+    """Create the service's topics if absent (idempotent; retried while the broker starts).
+
+    Raises :class:`PartitionCountMismatch` if one of them that already exists and is
+    co-partitioned (all of :data:`TOPICS`; with ``names`` None, the tables' changelogs too)
+    has another partition count than ``settings.topic_partitions``."""
     specs = [t for t in TOPICS if names is None or t.name in names]
     wanted = [
         NewTopic(
@@ -94,11 +128,16 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None, atte
         )
         for t in specs
     ]
+    copartitioned = {t.name for t in specs if t.copartitioned}
     for attempt in range(attempts):
         admin = AIOKafkaAdminClient(**settings.aiokafka_common())
         try:
             await admin.start()
-            existing = set(await admin.list_topics())
+            existing = await partition_counts(admin)
+            check_partitions(settings, {
+                name: n for name, n in existing.items()
+                if n is not None and (name in copartitioned or (names is None and is_changelog(name, settings)))
+            })
             missing = [t for t in wanted if t.name not in existing]
             if missing:
                 try:
@@ -116,3 +155,19 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None, atte
             await asyncio.sleep(0.5)
         finally:
             await admin.close()
+
+
+async def partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int | None]:
+    """Every existing topic and its partition count, None while the broker reports an error
+    for it (a topic being created: not known yet).  One metadata request."""
+    return {
+        t["topic"]: len(t["partitions"]) if t["error_code"] == 0 else None
+        for t in await admin.describe_topics()
+    }
+
+
+def check_partitions(settings: Settings, counts: dict[str, int]) -> None:
+    """Raise :class:`PartitionCountMismatch` for the topics whose count is not the setting's."""
+    bad = sorted((name, n) for name, n in counts.items() if n != settings.topic_partitions)
+    if bad:
+        raise PartitionCountMismatch(bad, settings.topic_partitions)
