@@ -6,9 +6,14 @@ hot-reloaded; these defaults apply whenever the hub has nothing (or something in
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.models import OrderType, TimeInForce
+
+log = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -35,10 +40,25 @@ class Idempotency(_Section):
     dedupe_by: str = Field("signal_id", pattern="^signal_id$")
 
 
+#: ``fill_tracking`` knobs of the seed that nothing ever read (partial fills are always
+#: tracked, fills are applied as they arrive): accepted in a hub document and ignored, with a
+#: warning, so an old document is not rejected.
+OBSOLETE_FILL_TRACKING = ("track_partial_fills", "update_interval_seconds")
+
+
 class FillTracking(_Section):
-    track_partial_fills: bool = True
-    update_interval_seconds: float = Field(1, gt=0)
     slippage_alert_threshold_pips: float = Field(5, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_obsolete(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            found = [k for k in OBSOLETE_FILL_TRACKING if k in data]
+            if found:
+                log.warning("config: ignoring obsolete operational.fill_tracking settings %s (no longer used)",
+                            ", ".join(found))
+                data = {k: v for k, v in data.items() if k not in found}
+        return data
 
 
 class PositionReconciliation(_Section):

@@ -49,3 +49,32 @@ def test_set_path_builds_nested_documents():
     assert set_path({}, "operational.fill_tracking.slippage_alert_threshold_pips", 2) == {
         "operational": {"fill_tracking": {"slippage_alert_threshold_pips": 2}}
     }
+
+
+def test_obsolete_fill_tracking_knobs_are_gone_but_accepted_with_one_warning(caplog):
+    from app.config import FillTracking
+
+    assert "track_partial_fills" not in FillTracking.model_fields
+    assert "update_interval_seconds" not in FillTracking.model_fields
+    assert "track_partial_fills" not in str(SAFE_DEFAULTS.model_dump())
+    old = (b'{"operational": {"fill_tracking": {"track_partial_fills": false, "update_interval_seconds": 2,'
+           b' "slippage_alert_threshold_pips": 4}}}')
+    with caplog.at_level("WARNING"):
+        cfg = parse(old)
+    assert cfg.operational.fill_tracking.slippage_alert_threshold_pips == 4
+    assert cfg.operational.fill_tracking == FillTracking(slippage_alert_threshold_pips=4)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "obsolete" in message and "track_partial_fills" in message and "update_interval_seconds" in message
+    # a hub applying the old document takes it; a current document warns about nothing
+    hub = ConfigHub()
+    hub._apply(old, 1)
+    assert hub.rejected == 0 and hub.current.operational.fill_tracking.slippage_alert_threshold_pips == 4
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        parse(b'{"operational": {"fill_tracking": {"slippage_alert_threshold_pips": 4}}}')
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    # anything else unknown is still rejected
+    with pytest.raises(ValueError, match="track_everything"):
+        parse(b'{"operational": {"fill_tracking": {"track_everything": true}}}')
