@@ -52,7 +52,12 @@ async def env(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 async def fresh(env):
-    for cmd in ({"cmd": "reset"}, {"cmd": "set_liquidity", "lots": 5.0}, {"cmd": "set_sl_tp", "enabled": False}):
+    defaults = (
+        {"cmd": "reset"}, {"cmd": "set_liquidity", "lots": 5.0}, {"cmd": "set_sl_tp", "enabled": True},
+        {"cmd": "set_balance", "balance": 100_000.0}, {"cmd": "set_stop_out", "enabled": True, "level": 50.0, "leverage": 100.0},
+    )
+    env.sim.clock = utcnow
+    for cmd in defaults:
         assert (await control(env.nc, **cmd))["ok"]
     yield
 
@@ -446,25 +451,31 @@ async def test_reset_faults(env):
 async def test_positions_are_netted_with_an_average_price(env):
     await hold(env, 1.08000)
     steps = [
-        (OrderType.BUY, 1.0, 1.08000, "in", 1.0, 1.0801),
-        (OrderType.BUY, 1.0, 1.08100, "in", 2.0, 1.0806),  # 1 @ 1.08010 + 1 @ 1.08110
-        (OrderType.SELL, 0.5, 1.08100, "out", 1.5, 1.0806),  # a reduction keeps the average
-        (OrderType.SELL, 3.0, 1.08100, "inout", -1.5, 1.081),  # a reversal opens at the deal price
-        (OrderType.BUY, 1.5, 1.08100, "out", None, None),  # flat: not listed
+        # type, volume, bid, entry, net, avg, profit (USD), position ticket: the order of step i
+        (OrderType.BUY, 1.0, 1.08000, "in", 1.0, 1.0801, 0.0, 0),
+        (OrderType.BUY, 1.0, 1.08100, "in", 2.0, 1.0806, 0.0, 0),  # 1 @ 1.08010 + 1 @ 1.08110
+        (OrderType.SELL, 0.5, 1.08100, "out", 1.5, 1.0806, 20.0, 0),  # a reduction keeps the average
+        (OrderType.SELL, 3.0, 1.08100, "inout", -1.5, 1.081, 60.0, 3),  # a reversal: new ticket, deal price
+        (OrderType.BUY, 1.5, 1.08100, "out", None, None, -15.0, 3),  # flat: not listed
     ]
-    for i, (type_, volume, bid, entry, net, avg) in enumerate(steps):
+    tickets = []
+    for i, (type_, volume, bid, entry, net, avg, profit, opener) in enumerate(steps):
         await hold(env, bid)
         r = await env.client.submit(order(f"net-{i}", "net", type_, volume=volume))
         assert r.retcode == c.Retcode.DONE
+        tickets.append(r.order)
         st = await env.client.status(MAGIC, f"net-{i}", "net")
-        assert st.deals[0].entry == entry
+        [deal] = st.deals
+        assert (deal.entry, deal.reason, deal.profit, deal.currency) == (entry, "expert", profit, "USD"), deal
+        assert (deal.order_id, deal.position, deal.magic, deal.account) == (f"net-{i}", tickets[opener], MAGIC, "net")
         snap = await env.client.positions("net")
         if net is None:
             assert snap.positions == []
         else:
             [p] = snap.positions
-            assert (p.account, p.symbol, p.net_volume) == ("net", "EURUSD", net)
+            assert (p.account, p.symbol, p.net_volume, p.magic, p.ticket) == ("net", "EURUSD", net, MAGIC, tickets[opener])
             assert abs(p.avg_price - avg) < 1e-9, (p.avg_price, avg)
+    assert (await ctl(env, cmd="account", account="net"))["realized"] == 65.0
     await env.client.submit(order("net-other", "net-2", OrderType.SELL, symbol="USDJPY", volume=0.2))
     await ctl(env, cmd="set_position", account="net-3", symbol="XAUUSD", net_volume=0.3, avg_price=2345.6)
     everyone = await env.client.positions(None)
@@ -485,25 +496,12 @@ async def test_deal_events_reach_jetstream_once_and_parse_as_fills(env):
     assert (fill.order_id, fill.deal, fill.ticket, fill.symbol, fill.side.value) == ("js-1", r.deal, r.order, "EURUSD", "sell")
     assert (fill.price, fill.volume) == (r.price, 0.7)
     assert (raw["account"], raw["magic"], raw["entry"]) == ("js", MAGIC, "in")
+    assert (raw["reason"], raw["position"], raw["profit"], raw["currency"]) == ("expert", r.order, 0.0, "USD")
+    assert (fill.reason, fill.position, fill.is_exit, fill.routing_key) == ("expert", r.order, False, "js-1")
     # The stream drops a re-publication of the same deal.
     ack = await env.nc.jetstream().publish(c.fills_subject("EURUSD"), data, headers={"Nats-Msg-Id": f"deal-{r.deal}"})
     assert ack.duplicate
     assert len(await stream_deals(env, "js-1")) == 1
-
-
-async def test_sl_tp_closures_are_their_own_deals_when_enabled(env):
-    await ctl(env, cmd="set_sl_tp", enabled=True)
-    await hold(env, 1.08000)
-    r = await env.client.submit(order("sl-1", "sltp", volume=0.5, sl=1.07900, tp=1.08300))
-    assert r.retcode == c.Retcode.DONE
-    await hold(env, 1.07890)  # the bid reaches the stop loss
-    assert (await env.client.positions("sltp")).positions == []
-    st = await env.client.status(MAGIC, "sl-1", "sltp")
-    assert (st.state, len(st.deals)) == ("filled", 1)  # the closure is not a fill of our order
-    closure = await env.client.status(MAGIC, "sl-1:sl", "sltp")
-    assert closure.known and [(d.side.value, d.volume, d.entry, d.price) for d in closure.deals] == [("sell", 0.5, "out", 1.0789)]
-    await wait_for(lambda: published(env), what="deals published")
-    assert [d["entry"] for _, _, d in await stream_deals(env, "sl-1:sl")] == ["out"]
 
 
 async def test_stats_shape(env):
@@ -531,3 +529,375 @@ async def test_receipts_record_when_each_order_first_arrived(env):
     assert (await ctl(env, cmd="receipts"))["received"] == {}
     bad = await control(env.nc, cmd="receipts", comments="rc-1")
     assert bad["ok"] is False and "list" in bad["error"]
+
+
+# --------------------------------------------------------------------------------------
+# Exits the broker makes: SL, TP, stop-out
+# --------------------------------------------------------------------------------------
+
+
+async def account_deals(env, account: str) -> list[Fill]:
+    """Every deal event of ``account`` in MT5_FILLS, once all are published, oldest first."""
+    await wait_for(lambda: published(env), what="deals published")
+    return [from_json(Fill, data) for _, data, raw in await stream_deals(env) if raw["account"] == account]
+
+
+def test_sl_tp_and_stop_out_are_on_by_default():
+    sim = BrokerSimulator()
+    assert sim.enable_sl_tp and sim.enable_stop_out
+    assert (sim.balance, sim.leverage, sim.stop_out_level) == (100_000.0, 100.0, 50.0)
+    from app.mt5.simulator import _env_options
+
+    assert _env_options({}) == {}
+    assert _env_options({"EXECUTION_SIM_ENABLE_SL_TP": "0", "EXECUTION_SIM_BALANCE": "500"}) == {
+        "enable_sl_tp": False, "balance": 500.0}
+
+
+async def test_stop_loss_closes_the_position_routed_to_the_opening_order(env):
+    await hold(env, 1.08000)
+    r = await env.client.submit(order("sl-1", "sltp", volume=0.5, sl=1.07900, tp=1.08300))
+    assert r.retcode == c.Retcode.DONE
+    [p] = (await env.client.positions("sltp")).positions
+    assert (p.ticket, p.magic, p.sl, p.tp) == (r.order, MAGIC, 1.079, 1.083)
+    await hold(env, 1.07910)  # not yet
+    assert len((await env.client.positions("sltp")).positions) == 1
+    await hold(env, 1.07890)  # the bid reaches the stop loss
+    assert (await env.client.positions("sltp")).positions == []
+    st = await env.client.status(MAGIC, "sl-1", "sltp")
+    assert (st.state, len(st.deals)) == ("filled", 1)  # the exit is not a fill of our order
+    entry, exit_ = await account_deals(env, "sltp")
+    assert (entry.deal, entry.entry, entry.reason, entry.position) == (r.deal, "in", "expert", r.order)
+    # The exit: the opening order's comment and the position's ticket, a broker-made order ticket.
+    assert (exit_.order_id, exit_.position, exit_.magic, exit_.reason, exit_.entry) == ("sl-1", r.order, MAGIC, "sl", "out")
+    assert exit_.ticket not in (None, r.order) and exit_.is_exit and exit_.routing_key == "sl-1"
+    assert (exit_.side.value, exit_.volume, exit_.price) == ("sell", 0.5, 1.0789)
+    assert (exit_.profit, exit_.currency) == (-60.0, "USD")  # 0.5 lot x (1.07890 - 1.08010) x 100000
+    assert not (await env.client.status(MAGIC, "sl-1:sl", "sltp")).known  # no made-up comments
+    assert (await stats(env.nc))["other"]["closed_by_sl"] == 1
+    acct = await ctl(env, cmd="account", account="sltp")
+    assert (acct["realized"], acct["equity"], acct["margin"], acct["margin_level"]) == (-60.0, 99_940.0, 0.0, None)
+
+
+async def test_take_profit_of_a_usdjpy_short_is_converted_at_the_deal_price(env):
+    await hold(env, 157.000, symbol="USDJPY")  # ask 157.010
+    r = await env.client.submit(order("tp-1", "tpjpy", OrderType.SELL, symbol="USDJPY", volume=1.0, tp=156.000))
+    assert (r.retcode, r.price) == (c.Retcode.DONE, 157.0)
+    await hold(env, 155.990, symbol="USDJPY")  # the ask reaches the take profit
+    assert (await env.client.positions("tpjpy")).positions == []
+    _, exit_ = await account_deals(env, "tpjpy")
+    assert (exit_.order_id, exit_.position, exit_.reason, exit_.entry, exit_.side.value) == ("tp-1", r.order, "tp", "out", "buy")
+    assert exit_.price == 156.0
+    assert exit_.profit == round(100_000 * 1.0 / 156.0, 2) == 641.03  # 100000 JPY at 156.000
+
+
+async def test_sl_tp_can_be_switched_off_and_a_cross_converts_at_its_usd_quote(env):
+    await ctl(env, cmd="set_sl_tp", enabled=False)
+    await hold(env, 1.27000, symbol="GBPUSD")  # mid 1.27005: GBP -> USD
+    await hold(env, 0.85000, symbol="EURGBP")  # ask 0.85010
+    r = await env.client.submit(order("x-1", "cross", symbol="EURGBP", volume=1.0, sl=0.84900))
+    assert r.retcode == c.Retcode.DONE
+    await hold(env, 0.84800, symbol="EURGBP")
+    [p] = (await env.client.positions("cross")).positions  # SL/TP off: validated, kept, never triggered
+    assert p.sl == 0.849
+    await ctl(env, cmd="set_sl_tp", enabled=True)
+    await hold(env, 0.84790, symbol="EURGBP")
+    assert (await env.client.positions("cross")).positions == []
+    _, exit_ = await account_deals(env, "cross")
+    assert exit_.reason == "sl" and exit_.price == 0.8479
+    assert exit_.profit == round(1.0 * (0.84790 - 0.85010) * 100_000 * 1.27005, 2)
+
+
+async def test_stop_out_closes_the_largest_loss_when_the_margin_level_falls(env):
+    await ctl(env, cmd="set_balance", account="so", balance=1_000.0)
+    await hold(env, 1.08000)
+    await hold(env, 1.27000, symbol="GBPUSD")
+    eur = await env.client.submit(order("so-eur", "so", volume=1.0))  # margin 1080.05 USD at 1:100
+    gbp = await env.client.submit(order("so-gbp", "so", OrderType.SELL, symbol="GBPUSD", volume=0.1))
+    assert eur.retcode == gbp.retcode == c.Retcode.DONE
+    acct = await ctl(env, cmd="account", account="so")
+    assert acct["balance"] == 1_000.0 and acct["equity"] == 989.0 and acct["margin"] == round(1080.05 + 127.005, 2)
+    await hold(env, 1.07700)  # equity 689, margin 1204: 57 % > 50 %
+    assert len((await env.client.positions("so")).positions) == 2
+    await hold(env, 1.07600)  # equity 589, margin 1203: 49 % < 50 %: the EURUSD loss goes
+    [left] = (await env.client.positions("so")).positions
+    assert (left.symbol, left.net_volume, left.ticket) == ("GBPUSD", -0.1, gbp.order)
+    exits = [d for d in await account_deals(env, "so") if d.is_exit]
+    assert [(d.order_id, d.position, d.reason, d.entry, d.magic, d.volume) for d in exits] == [
+        ("so-eur", eur.order, "stop_out", "out", MAGIC, 1.0)]
+    assert exits[0].profit == -410.0 and exits[0].price == 1.076
+    acct = await ctl(env, cmd="account", account="so")
+    assert acct["realized"] == -410.0 and acct["margin_level"] > 50
+    # Another account with the default balance is untouched by the same move.
+    assert (await env.client.submit(order("so-rich", "so-rich", volume=1.0))).retcode == c.Retcode.DONE
+    await hold(env, 1.07000)
+    assert len((await env.client.positions("so-rich")).positions) == 1
+    # Switched off, nothing is closed; a smaller balance set later stops the account out at once.
+    await ctl(env, cmd="set_stop_out", enabled=False)
+    await ctl(env, cmd="set_balance", account="so-rich", balance=100.0)
+    assert len((await env.client.positions("so-rich")).positions) == 1
+    await ctl(env, cmd="set_stop_out", enabled=True)
+    assert (await env.client.positions("so-rich")).positions == []
+
+
+# --------------------------------------------------------------------------------------
+# Closes by position ticket
+# --------------------------------------------------------------------------------------
+
+
+def close(comment: str, account: str, position: int, volume: float, type: OrderType = OrderType.SELL, **kw) -> TradeRequest:
+    return order(comment, account, type, volume=volume, position=position, **kw)
+
+
+async def test_close_by_position_ticket_partial_then_full(env):
+    await hold(env, 1.08000)
+    opened = await env.client.submit(order("cl-open", "cl", volume=1.0))
+    ticket = opened.order
+    r = await env.client.submit(close("cl-1", "cl", ticket, 0.4))
+    assert r.retcode == c.Retcode.DONE and r.volume == 0.4
+    [deal] = (await env.client.status(MAGIC, "cl-1", "cl")).deals
+    assert (deal.order_id, deal.entry, deal.reason, deal.position, deal.profit) == ("cl-1", "out", "expert", ticket, -4.0)
+    [p] = (await env.client.positions("cl")).positions
+    assert (p.net_volume, p.ticket, p.avg_price) == (0.6, ticket, 1.0801)
+    for req, retcode in (
+        (close("cl-big", "cl", ticket, 0.7), c.Retcode.INVALID_CLOSE_VOLUME),
+        (close("cl-side", "cl", ticket, 0.1, OrderType.BUY), c.Retcode.INVALID_ORDER),
+        (close("cl-sl", "cl", ticket, 0.1, sl=1.08100), c.Retcode.INVALID_STOPS),
+        (close("cl-pend", "cl", ticket, 0.1, OrderType.SELL_LIMIT, action=TradeAction.PENDING, price=1.08100),
+         c.Retcode.INVALID_ORDER),
+        (close("cl-nope", "cl", 123456, 0.1), c.Retcode.POSITION_CLOSED),
+        (close("cl-acct", "cl-other", ticket, 0.1), c.Retcode.POSITION_CLOSED),  # another account's position
+    ):
+        res = await env.client.submit(req)
+        assert res.retcode == retcode, (req.comment, res)
+        assert (await env.client.status(MAGIC, req.comment, req.account)).state == "rejected"
+    assert (await env.client.submit(close("cl-1", "cl", ticket, 0.4))) == r  # deduped: the first result
+    full = await env.client.submit(close("cl-2", "cl", ticket, 0.6))
+    assert full.retcode == c.Retcode.DONE
+    assert (await env.client.positions("cl")).positions == []
+    assert (await env.client.submit(close("cl-3", "cl", ticket, 0.1))).retcode == c.Retcode.POSITION_CLOSED
+    deals = await account_deals(env, "cl")
+    assert [(d.order_id, d.entry, d.position) for d in deals] == [("cl-open", "in", ticket), ("cl-1", "out", ticket),
+                                                                   ("cl-2", "out", ticket)]
+    assert not any(d.is_exit for d in deals)  # our own closes are fills of our close orders
+
+
+async def test_a_large_close_fills_in_chunks_and_its_rest_is_cancelled_if_the_position_goes(env):
+    sim = env.sim  # driven directly: no tick can run between these synchronous calls
+    sim.control({"cmd": "set_price", "symbol": "EURUSD", "bid": 1.08, "hold": True})
+    sim.liquidity_lots = 0.5
+    opened = sim.submit(order("ch-open", "ch", volume=1.0))
+    assert (opened.retcode, opened.volume) == (c.Retcode.DONE_PARTIAL, 0.5)  # opened in two chunks
+    sim.tick()
+    assert sim.snapshot("ch").positions[0].net_volume == 1.0
+    r = sim.submit(close("ch-all", "ch", opened.order, 1.0))
+    assert (r.retcode, r.volume) == (c.Retcode.DONE_PARTIAL, 0.5)
+    sim.tick()
+    st = sim.status(c.StatusQuery(magic=MAGIC, comment="ch-all", account="ch"))
+    assert (st.state, [d.entry for d in st.deals]) == ("filled", ["out", "out"])
+    assert sim.snapshot("ch").positions == []
+    opened = sim.submit(order("ch-open2", "ch", volume=1.0))
+    sim.tick()
+    r = sim.submit(close("ch-1", "ch", opened.order, 0.8))
+    assert (r.retcode, r.volume) == (c.Retcode.DONE_PARTIAL, 0.5)
+    sim.control({"cmd": "set_position", "account": "ch", "symbol": "EURUSD", "net_volume": 0})  # gone
+    sim.tick()
+    st = sim.status(c.StatusQuery(magic=MAGIC, comment="ch-1", account="ch"))
+    assert (st.state, st.volume_filled) == ("cancelled", 0.5)
+
+
+# --------------------------------------------------------------------------------------
+# Modify
+# --------------------------------------------------------------------------------------
+
+
+def modify(comment: str, account: str, **kw) -> c.ModifyRequest:
+    return c.ModifyRequest(magic=MAGIC, comment=comment, account=account, **kw)
+
+
+async def test_modify_a_pending_order(env):
+    await hold(env, 1.08000)
+    placed = await env.client.submit(order("md-1", "md", OrderType.BUY_LIMIT, volume=0.2, price=1.07900))
+    for req, retcode in (
+        (modify("md-1", "md"), c.Retcode.NO_CHANGES),
+        (modify("md-1", "md", price=1.07900), c.Retcode.NO_CHANGES),
+        (modify("md-1", "md", price=1.08100), c.Retcode.INVALID_PRICE),  # a buy limit above the ask
+        (modify("md-1", "md", sl=1.07950), c.Retcode.INVALID_STOPS),  # SL above the order price
+        (modify("md-1", "md", expiration=utcnow() - timedelta(minutes=1)), c.Retcode.INVALID_EXPIRATION),
+        (modify("md-nope", "md", price=1.07900), c.Retcode.INVALID),
+    ):
+        res = await env.client.modify(req)
+        assert res.retcode == retcode, (req, res)
+    r = await env.client.modify(modify("md-1", "md", price=1.07950, sl=1.07850, tp=1.08200))
+    assert (r.retcode, r.order, r.request_comment) == (c.Retcode.DONE, placed.order, "md-1")
+    await hold(env, 1.07945)  # ask 1.07955: not at the new limit yet
+    assert (await env.client.status(MAGIC, "md-1", "md")).state == "placed"
+    await hold(env, 1.07940)  # ask 1.07950: the modified limit fills (the old one would not)
+    st = await env.client.status(MAGIC, "md-1", "md")
+    assert st.state == "filled" and st.deals[0].price == 1.0795
+    [p] = (await env.client.positions("md")).positions
+    assert (p.sl, p.tp, p.ticket) == (1.0785, 1.082, placed.order)  # the SL/TP came with the fill
+
+
+async def test_modify_a_triggered_stop_limit_moves_its_limit(env):
+    await hold(env, 1.08000)
+    await env.client.submit(order("msl-1", "msl", OrderType.BUY_STOP_LIMIT, price=1.08060, stoplimit=1.08040))
+    await hold(env, 1.08055)  # ask 1.08065: triggered, now a buy limit at 1.08040
+    assert (await env.client.status(MAGIC, "msl-1", "msl")).state == "placed"
+    assert (await env.client.modify(modify("msl-1", "msl", price=1.08100))).retcode == c.Retcode.INVALID_ORDER
+    assert (await env.client.modify(modify("msl-1", "msl", stoplimit=1.08060))).retcode == c.Retcode.INVALID_PRICE
+    assert (await env.client.modify(modify("msl-1", "msl", stoplimit=1.08050))).retcode == c.Retcode.DONE
+    await hold(env, 1.08040)  # ask 1.08050
+    st = await env.client.status(MAGIC, "msl-1", "msl")
+    assert st.state == "filled" and st.deals[0].price == 1.0805
+
+
+async def test_a_modified_order_is_matched_at_once(env):
+    await hold(env, 1.08000)
+    await env.client.submit(order("md-now", "md-now", OrderType.BUY_LIMIT, price=1.07900))
+    env.sim.stops_level_points = 0  # allow a limit at the touch
+    try:
+        r = await env.client.modify(modify("md-now", "md-now", price=1.08010))
+    finally:
+        env.sim.stops_level_points = 10
+    assert r.retcode == c.Retcode.DONE
+    st = await env.client.status(MAGIC, "md-now", "md-now")
+    assert st.state == "filled" and st.deals[0].price == 1.0801
+
+
+async def test_modify_the_sl_tp_of_a_position(env):
+    await hold(env, 1.08000)
+    opened = await env.client.submit(order("mp-1", "mp", volume=0.3, sl=1.07800))
+    assert (await env.client.modify(modify("mp-1", "mp", price=1.07900))).retcode == c.Retcode.INVALID_ORDER
+    assert (await env.client.modify(modify("mp-1", "mp", sl=1.07800))).retcode == c.Retcode.NO_CHANGES
+    assert (await env.client.modify(modify("mp-1", "mp", sl=1.08050))).retcode == c.Retcode.INVALID_STOPS  # above the bid
+    r = await env.client.modify(modify("mp-1", "mp", sl=1.07950, tp=1.08200))
+    assert (r.retcode, r.order) == (c.Retcode.DONE, opened.order)
+    [p] = (await env.client.positions("mp")).positions
+    assert (p.sl, p.tp) == (1.0795, 1.082)
+    # By position ticket, whatever the comment; 0 removes the TP.
+    r = await env.client.modify(modify("anything", "mp", position=opened.order, tp=0.0))
+    assert r.retcode == c.Retcode.DONE
+    [p] = (await env.client.positions("mp")).positions
+    assert (p.sl, p.tp) == (1.0795, 0.0)
+    await hold(env, 1.07950)  # the modified SL triggers
+    assert (await env.client.positions("mp")).positions == []
+    [exit_] = [d for d in await account_deals(env, "mp") if d.is_exit]
+    assert (exit_.order_id, exit_.reason, exit_.position, exit_.price) == ("mp-1", "sl", opened.order, 1.0795)
+    assert (await env.client.modify(modify("mp-1", "mp", sl=1.07000))).retcode == c.Retcode.POSITION_CLOSED
+    assert (await env.client.modify(modify("x", "mp", position=opened.order, sl=1.07))).retcode == c.Retcode.POSITION_CLOSED
+    # A cancelled order that never filled has nothing to modify.
+    await env.client.submit(order("mp-c", "mp", OrderType.BUY_LIMIT, price=1.07800))
+    await env.client.cancel(MAGIC, "mp-c", "mp")
+    assert (await env.client.modify(modify("mp-c", "mp", price=1.07700))).retcode == c.Retcode.INVALID
+
+
+# --------------------------------------------------------------------------------------
+# Manual trades, magic numbers, set_position
+# --------------------------------------------------------------------------------------
+
+
+async def test_manual_trades_net_per_magic_and_the_snapshot_filters_by_magic(env):
+    await hold(env, 1.08000)
+    ours = await env.client.submit(order("mt-1", "mt", volume=0.3))
+    hand = await ctl(env, cmd="manual_trade", account="mt", symbol="EURUSD", side="sell", volume=0.1, comment="by hand")
+    [d] = hand["deals"]
+    assert (d["reason"], d["magic"], d["entry"], d["order_id"], d["position"], d["price"]) == (
+        "client", 0, "in", "by hand", hand["order"], 1.08)
+    both = (await env.client.positions("mt")).positions
+    assert {(p.magic, p.net_volume, p.ticket) for p in both} == {(MAGIC, 0.3, ours.order), (0, -0.1, hand["order"])}
+    [mine] = (await env.client.positions("mt", magic=MAGIC)).positions
+    assert (mine.net_volume, mine.ticket) == (0.3, ours.order)
+    assert [p.magic for p in (await env.client.positions(None, magic=0)).positions] == [0]
+    # A close at the terminal of our position: an exit routed to the order that opened it.
+    cut = await ctl(env, cmd="manual_trade", account="mt", symbol="EURUSD", side="sell", volume=0.1, magic=MAGIC)
+    [d] = cut["deals"]
+    assert (d["reason"], d["entry"], d["order_id"], d["position"], d["magic"], d["profit"]) == (
+        "client", "out", "mt-1", ours.order, MAGIC, -1.0)
+    assert (await env.client.positions("mt", magic=MAGIC)).positions[0].net_volume == 0.2
+    # A reversal by hand is two deals: the out of our position, then the in of a new one.
+    rev = await ctl(env, cmd="manual_trade", account="mt", symbol="EURUSD", side="sell", volume=0.5, magic=MAGIC, comment="flip")
+    assert [(d["entry"], d["order_id"], d["volume"], d["position"]) for d in rev["deals"]] == [
+        ("out", "mt-1", 0.2, ours.order), ("in", "flip", 0.3, rev["order"])]
+    fills = [d for d in await account_deals(env, "mt") if d.reason == "client"]
+    assert len(fills) == 4 and all(f.is_exit for f in fills)
+    bad = await control(env.nc, cmd="manual_trade", account="mt", symbol="EURUSD", side="up", volume=0.1)
+    assert bad["ok"] is False
+
+
+async def test_set_position_defaults_to_the_only_magic_of_the_account_and_symbol(env):
+    await hold(env, 1.08000)
+    ours = await env.client.submit(order("sp-1", "sp", volume=0.3))
+    reply = await ctl(env, cmd="set_position", account="sp", symbol="EURUSD", net_volume=0.5, avg_price=1.07)
+    assert (reply["magic"], reply["ticket"]) == (MAGIC, ours.order)
+    [p] = (await env.client.positions("sp")).positions
+    assert (p.magic, p.net_volume, p.avg_price, p.ticket) == (MAGIC, 0.5, 1.07, ours.order)
+    await ctl(env, cmd="manual_trade", account="sp", symbol="EURUSD", side="buy", volume=0.1)
+    reply = await ctl(env, cmd="set_position", account="sp", symbol="EURUSD", net_volume=0.2)  # two magics: 0
+    assert reply["magic"] == 0
+    assert {(p.magic, p.net_volume) for p in (await env.client.positions("sp")).positions} == {(MAGIC, 0.5), (0, 0.2)}
+    await ctl(env, cmd="set_position", account="sp", symbol="EURUSD", net_volume=0, magic=MAGIC)
+    assert [p.magic for p in (await env.client.positions("sp")).positions] == [0]
+
+
+# --------------------------------------------------------------------------------------
+# Time in force
+# --------------------------------------------------------------------------------------
+
+
+async def test_day_and_specified_orders_expire_at_their_time(env):
+    from app.mt5.simulator import next_midnight
+
+    await hold(env, 1.08000)
+    now = utcnow()
+    midnight = next_midnight(now)
+    assert midnight > now and (midnight - now) <= timedelta(days=1) and midnight.hour == 0
+    cases = {
+        "tif-day": dict(type_time=c.OrderTime.DAY),
+        "tif-spec": dict(type_time=c.OrderTime.SPECIFIED, expiration=now + timedelta(hours=2)),
+        "tif-sday": dict(type_time=c.OrderTime.SPECIFIED_DAY, expiration=now),  # the end of today
+        "tif-gtc": dict(),
+    }
+    for comment, kw in cases.items():
+        r = await env.client.submit(order(comment, "tif", OrderType.BUY_LIMIT, price=1.07900, **kw))
+        assert r.retcode == c.Retcode.PLACED, (comment, r)
+
+    async def states():
+        return {k: (await env.client.status(MAGIC, k, "tif")).state for k in cases}
+
+    try:
+        env.sim.clock = lambda: now + timedelta(hours=2, seconds=1)
+        env.sim.tick()
+        expected = {"tif-day": "placed", "tif-spec": "expired", "tif-sday": "placed", "tif-gtc": "placed"}
+        if midnight <= now + timedelta(hours=2, seconds=1):  # run close to midnight
+            expected.update({"tif-day": "expired", "tif-sday": "expired"})
+        assert await states() == expected
+        env.sim.clock = lambda: midnight - timedelta(seconds=1)
+        env.sim.tick()
+        assert (await states())["tif-day"] == expected["tif-day"]
+        env.sim.clock = lambda: midnight
+        env.sim.tick()
+        assert await states() == {"tif-day": "expired", "tif-spec": "expired", "tif-sday": "expired", "tif-gtc": "placed"}
+    finally:
+        env.sim.clock = utcnow
+    st = await env.client.status(MAGIC, "tif-day", "tif")
+    assert (st.known, st.state, st.retcode, st.deals) == (True, "expired", c.Retcode.PLACED, [])
+    assert (await env.client.modify(modify("tif-day", "tif", price=1.07800))).retcode == c.Retcode.INVALID
+
+
+async def test_symbols_without_broker_expiry_take_gtc_only(env):
+    await hold(env, 28.450, symbol="XAGUSD")  # ask 28.470
+    assert env.sim.symbols["XAGUSD"].broker_expiry is False
+    later = utcnow() + timedelta(hours=1)
+    for i, kw in enumerate((dict(type_time=c.OrderTime.DAY), dict(type_time=c.OrderTime.SPECIFIED, expiration=later),
+                            dict(type_time=c.OrderTime.SPECIFIED_DAY, expiration=later))):
+        r = await env.client.submit(order(f"ag-{i}", "ag", OrderType.BUY_LIMIT, symbol="XAGUSD", price=28.300, **kw))
+        assert r.retcode == c.Retcode.INVALID_EXPIRATION, r
+    r = await env.client.submit(order("ag-mkt", "ag", symbol="XAGUSD", type_time=c.OrderTime.DAY))
+    assert r.retcode == c.Retcode.INVALID_EXPIRATION
+    assert (await env.client.submit(order("ag-gtc", "ag", OrderType.BUY_LIMIT, symbol="XAGUSD", price=28.300))).retcode == c.Retcode.PLACED
+    assert (await env.client.modify(modify("ag-gtc", "ag", expiration=later))).retcode == c.Retcode.INVALID_EXPIRATION
+    # On a symbol the broker expires, an expiration makes a GTC order SPECIFIED.
+    await hold(env, 1.08000)
+    await env.client.submit(order("eu-gtc", "ag", OrderType.BUY_LIMIT, price=1.07900))
+    assert (await env.client.modify(modify("eu-gtc", "ag", expiration=later))).retcode == c.Retcode.DONE
+    assert env.sim.orders[("ag", MAGIC, "eu-gtc")].expiration == later

@@ -1,6 +1,7 @@
 """A broker simulator that implements the MT5 connector contract (``CONTRACT.md``).
 
-What it does, like an MT5 trade server behind a connector:
+What it does, like an MT5 trade server behind a connector (and, by default, at least as
+harshly as a real broker):
 
 * quotes every symbol of the :class:`~tables.symbols.SymbolTable` with a seeded,
   mean-reverting random walk (Ornstein-Uhlenbeck around the start price, in pips), a spread,
@@ -9,18 +10,24 @@ What it does, like an MT5 trade server behind a connector:
   by ``deviation``, requotes (10004) when the price moved beyond ``deviation``, and fills
   orders above ``liquidity_lots`` in several deals (10010 first, the rest over the next
   ticks);
-* places limit, stop and stop-limit orders (10008) and triggers them from the price path;
+* places limit, stop and stop-limit orders (10008), triggers them from the price path and
+  expires them (DAY, SPECIFIED, SPECIFIED_DAY) where the symbol allows broker expiry;
+* closes a position named by its ticket (``TradeRequest.position``) and modifies working
+  orders and positions' SL/TP (``mt5.orders.modify``);
 * rejects with the MT5 retcodes (10013 unknown symbol / bad request, 10014 volume, 10015
-  price, 10016 stops, 10018 market closed, 10019 no money, 10022 expiration, 10035 order
-  type);
+  price, 10016 stops, 10018 market closed, 10019 no money, 10022 expiration, 10025 no
+  changes, 10035 order type, 10036 position closed, 10038 close volume);
 * dedupes submissions on ``(account, magic, comment)``: a resend of an accepted order
   returns the first result and is never executed again;
-* nets positions per ``(account, symbol)`` with an average price;
-* publishes every deal to JetStream (stream ``MT5_FILLS``) with ``Nats-Msg-Id`` =
-  ``deal-{deal}``, from an outbox that retries until JetStream acknowledges;
+* nets positions per ``(account, symbol, magic)`` with a ticket, an average price, SL and TP;
+  closes them itself when their SL or TP is reached and when an account's margin level
+  falls below the stop-out level (balance, leverage, realized and floating profit in USD);
+* publishes every deal (with its entry, reason, position ticket and profit) to JetStream
+  (stream ``MT5_FILLS``) with ``Nats-Msg-Id`` = ``deal-{deal}``, from an outbox that
+  retries until JetStream acknowledges;
 * obeys control commands on ``mt5.sim.control`` (forced prices, injected rejects, lost
-  replies, lost requests, position discrepancies, closed markets) and reports statistics
-  on ``mt5.sim.stats``;
+  replies, lost requests, position discrepancies, manual trades at the terminal, closed
+  markets, balances) and reports statistics on ``mt5.sim.stats``;
 * records when the first submit request of each client order id arrived (wall clock), for
   latency measurements (control command ``receipts``).
 
@@ -39,22 +46,24 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats
 import orjson
 from pydantic import ValidationError
 
-from app.models import MAX_LOTS, describe_validation_error, to_json, utcnow
+from app.models import MAX_LOTS, describe_validation_error, to_dict, to_json, utcnow
 from app.mt5 import contract as c
 from app.mt5.contract import (
     CancelRequest,
     DealEvent,
     ErrorReply,
+    ModifyRequest,
     OrderStatus,
+    OrderTime,
     OrderType,
     PositionsQuery,
     PositionsSnapshot,
@@ -86,13 +95,29 @@ PENDING_TYPES = frozenset(
         OrderType.BUY_STOP_LIMIT, OrderType.SELL_STOP_LIMIT,
     }
 )
+STOP_LIMIT_TYPES = frozenset({OrderType.BUY_STOP_LIMIT, OrderType.SELL_STOP_LIMIT})
 EPS = 1e-9
+#: The account (deposit) currency of every simulated account.
+ACCOUNT_CURRENCY = "USD"
+#: A position remembers the tickets of at most this many of its deals (newest last).
+POSITION_DEALS_KEPT = 1000
 
 Key = tuple[str, int, str]  # (account, magic, comment)
+PosKey = tuple[str, str, int]  # (account, symbol, magic)
 
 
 def _r8(x: float) -> float:
     return round(x, 8)
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def next_midnight(t: datetime) -> datetime:
+    """The next 00:00 UTC after ``t``: when a DAY order (or a SPECIFIED_DAY one's day) ends."""
+    day = _utc(t).astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day + timedelta(days=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -148,6 +173,10 @@ class SimOrder:
     notional: float = 0.0  # sum of price x volume of the deals
     deals: list[DealEvent] = field(default_factory=list)
     triggered: bool = False  # stop: now a market order; stop-limit: now a limit at ``stoplimit``
+    type_time: OrderTime = OrderTime.GTC
+    close_position: int = 0  # a close: the ticket of the position it reduces (``TradeRequest.position``)
+    position: int = 0  # the ticket of the position its latest deal went into
+    reason: str = "expert"  # the reason of its deals: expert, or sl/tp/stop_out/client for broker-made orders
 
     @property
     def key(self) -> Key:
@@ -193,12 +222,26 @@ class Rejection:
 
 @dataclass
 class Pos:
-    net: float = 0.0
+    """A net position of ``(account, symbol, magic)``; removed when it goes flat."""
+
+    account: str
+    symbol: str
+    magic: int
+    net: float = 0.0  # lots, + long / - short
     avg: float | None = None
     sl: float = 0.0
     tp: float = 0.0
-    sltp_comment: str = ""
-    magic: int = 0
+    ticket: int = 0  # the ticket of the order that opened it (or reversed it)
+    comment: str = ""  # the comment (client order id) of that order
+    deals: list[int] = field(default_factory=list)  # deal tickets since it opened, newest last
+
+    @property
+    def key(self) -> PosKey:
+        return (self.account, self.symbol, self.magic)
+
+    @property
+    def long(self) -> bool:
+        return self.net > 0
 
 
 @dataclass
@@ -228,6 +271,12 @@ class BrokerSimulator:
     ``mean_reversion`` its pull back to the start price per second (the defaults give a
     stationary spread of about 4 pips and moves of a few pips per second, so the sample
     traffic's pending orders, a few pips from entry, mostly trigger within seconds).
+
+    Accounts: each has a ``balance`` (USD), the ``leverage`` and the ``stop_out_level`` (in
+    percent of margin); with ``enable_stop_out`` the broker closes the position with the
+    largest floating loss while the margin level is below it.  ``clock`` (default
+    :func:`app.models.utcnow`) is the broker's time: expirations and deal times; tests may
+    replace it to move time forward.
     """
 
     def __init__(
@@ -249,13 +298,19 @@ class BrokerSimulator:
         volume_step: float = 0.01,
         max_volume: float = MAX_LOTS,
         margin_limit_lots: float = 500.0,
-        enable_sl_tp: bool = False,
+        enable_sl_tp: bool = True,
+        balance: float = 100_000.0,
+        leverage: float = 100.0,
+        stop_out_level: float = 50.0,
+        enable_stop_out: bool = True,
         ticket_base: int | None = None,
         connect_options: Mapping[str, Any] | None = None,
         drain_timeout: float = 10.0,
     ) -> None:
         if liquidity_lots <= 0 or tick_interval <= 0:
             raise ValueError("liquidity_lots and tick_interval must be positive")
+        if leverage <= 0 or stop_out_level < 0:
+            raise ValueError("leverage must be positive and stop_out_level not negative")
         self.nats_url = nats_url
         self.seed = seed
         self.symbols = symbols if symbols is not None else SymbolTable()
@@ -273,6 +328,11 @@ class BrokerSimulator:
         self.max_volume = float(max_volume)
         self.margin_limit_lots = float(margin_limit_lots)
         self.enable_sl_tp = bool(enable_sl_tp)
+        self.balance = float(balance)
+        self.leverage = float(leverage)
+        self.stop_out_level = float(stop_out_level)
+        self.enable_stop_out = bool(enable_stop_out)
+        self.clock: Callable[[], datetime] = utcnow
         self.connect_options = dict(connect_options or {})
         self.drain_timeout = drain_timeout
         # Tickets are never reused, not even across restarts or a reset: downstream dedupes
@@ -290,6 +350,7 @@ class BrokerSimulator:
         self.published_total = 0
         self.unpublished = 0
         self._stopping = False
+        self._unconvertible: set[str] = set()
         self._init_state()
 
     # ------------------------------------------------------------------ state
@@ -309,8 +370,13 @@ class BrokerSimulator:
         self.orders: dict[Key, SimOrder] = {}
         self.rejections: dict[Key, Rejection] = {}
         self.active: dict[int, SimOrder] = {}  # ticket -> order not yet final
-        self.positions: dict[tuple[str, str], Pos] = {}
+        #: Orders the broker or a person made (SL/TP/stop-out closes, manual trades), by
+        #: ticket.  Not found by a status query: their deals carry another order's comment.
+        self.broker_orders: dict[int, SimOrder] = {}
+        self.positions: dict[PosKey, Pos] = {}
         self.margin: dict[str, float] = {}  # per-account override of margin_limit_lots
+        self.balances: dict[str, float] = {}  # per-account override of ``balance``
+        self.realized: Counter = Counter()  # account -> realized profit of its deals (USD)
         self.faults = Faults()
         self.ticks = 0
         self.stats: Counter = Counter()
@@ -350,7 +416,7 @@ class BrokerSimulator:
                 delay = min(delay * 2, 1.0)
         self._outbox = asyncio.Queue()
         handlers = {
-            c.SUBMIT: self._on_submit, c.CANCEL: self._on_cancel, c.STATUS: self._on_status,
+            c.SUBMIT: self._on_submit, c.CANCEL: self._on_cancel, c.MODIFY: self._on_modify, c.STATUS: self._on_status,
             c.POSITIONS: self._on_positions, c.CONTROL: self._on_control, c.STATS: self._on_stats,
         }
         for subject, handler in handlers.items():
@@ -458,7 +524,8 @@ class BrokerSimulator:
             await asyncio.sleep(max(0.0, next_t - now))
 
     def tick(self) -> None:
-        """One step of every price path, then matching of the working orders."""
+        """One step of every price path, then matching of the working orders, the SL/TP of
+        the positions, and the accounts' stop-out levels."""
         self.ticks += 1
         dt = self.tick_interval
         decay = math.exp(-self.mean_reversion * dt)
@@ -469,16 +536,16 @@ class BrokerSimulator:
         working: dict[str, list[SimOrder]] = {}
         for order in self.active.values():
             working.setdefault(order.symbol, []).append(order)
+        with_stops = {p.symbol for p in self.positions.values() if p.sl or p.tp} if self.enable_sl_tp else set()
         for name, m in self.markets.items():
-            if m.closed:
-                continue
-            if not m.held:
+            if not m.closed and not m.held:
                 shock = m.rng.gauss(0.0, 1.0)
                 m.mid = m.start + (m.mid - m.start) * decay + self.volatility_pips * m.spec.pip_size * scale * shock
                 m.mid = max(m.mid, m.spec.point * (m.spread_points + 1))
                 m.quote()
-            if name in working or self.enable_sl_tp:
+            if name in working or name in with_stops:
                 self._match(name, working.get(name, []))
+        self._check_stop_outs()
 
     def _touch(self, m: Market, buy: bool) -> float:
         return m.ask if buy else m.bid
@@ -498,22 +565,23 @@ class BrokerSimulator:
 
     # ------------------------------------------------------------------ matching
     def _match(self, symbol: str, orders: list[SimOrder] | None = None) -> None:
-        """Trigger and fill the symbol's working orders against its quote, in ticket order."""
+        """Expire, trigger and fill the symbol's working orders against its quote, in ticket
+        order, then close the positions whose SL or TP the quote reached."""
         m = self.markets[symbol]
-        if m.closed:
-            return
         if orders is None:
             orders = [o for o in self.active.values() if o.symbol == symbol]
-        now = utcnow()
+        now = self.clock()
+        for order in orders:  # the broker expires orders on time, even with the market closed
+            if order.active and order.expiration is not None and now >= order.expiration:
+                self._finish(order, "expired")
+        if m.closed:
+            return
         for order in sorted(orders, key=lambda o: o.ticket):
             if not order.active:
                 continue
             buy = order.is_buy
             if order.type.is_market:
                 self._fill(order, m, self._touch(m, buy))
-                continue
-            if order.expiration is not None and now >= order.expiration:
-                self._finish(order, "expired")
                 continue
             t = order.type
             if t in (OrderType.BUY_STOP, OrderType.SELL_STOP):
@@ -522,7 +590,7 @@ class BrokerSimulator:
                 if order.triggered:
                     self._fill(order, m, self._touch(m, buy))
                 continue
-            if t in (OrderType.BUY_STOP_LIMIT, OrderType.SELL_STOP_LIMIT) and not order.triggered:
+            if t in STOP_LIMIT_TYPES and not order.triggered:
                 if not (m.ask >= order.price if buy else m.bid <= order.price):
                     continue
                 order.triggered = True  # now a limit order at ``stoplimit``
@@ -537,7 +605,7 @@ class BrokerSimulator:
         if order.volume_filled <= EPS and not order.type.is_market:
             # A pending order needs the margin when it triggers.
             try:
-                self._check_margin(order.account, order.symbol, order.is_buy, order.volume_initial)
+                self._check_margin(order.account, order.symbol, order.magic, order.is_buy, order.volume_initial)
             except Reject as r:
                 order.retcode = order.retcode or int(r.retcode)
                 self._finish(order, "rejected")
@@ -552,25 +620,86 @@ class BrokerSimulator:
         self.stats[f"orders_{state}"] += 1
 
     # ------------------------------------------------------------------ deals and positions
-    def _deal(self, order: SimOrder, m: Market, volume: float, price: float) -> DealEvent:
-        volume = _r8(volume)
-        price = round(price, m.spec.digits)
-        entry = self._apply_position(order.account, order.symbol, volume if order.is_buy else -volume, price)
-        ev = DealEvent(
-            order_id=order.comment, deal=self._deal_ticket(), ticket=order.ticket, symbol=order.symbol,
-            side=order.type.side, price=price, volume=volume, time=utcnow(),
-            account=order.account, magic=order.magic, entry=entry,
+    def _deal(self, order: SimOrder, m: Market, volume: float, price: float) -> DealEvent | None:
+        """A deal of ``order``.  A close reduces the position it names, never more than its
+        volume; if that position is gone (closed by SL/TP, a stop-out or by hand), the rest of
+        the close is cancelled and None is returned."""
+        target = None
+        if order.close_position:
+            target = self._position_by_ticket(order.account, order.close_position)
+            if target is None or target.long == order.is_buy:
+                self._finish(order, "cancelled")
+                return None
+            volume = min(volume, abs(target.net))
+        ev = self._book(
+            account=order.account, symbol=order.symbol, magic=order.magic, buy=order.is_buy, volume=volume,
+            price=price, order_id=order.comment, ticket=order.ticket, reason=order.reason, pos=target,
+            sl=order.sl, tp=order.tp,
         )
         order.deals.append(ev)
-        order.volume_filled = _r8(order.volume_filled + volume)
-        order.notional += price * volume
+        order.position = ev.position or 0
+        order.volume_filled = _r8(order.volume_filled + ev.volume)
+        order.notional += ev.price * ev.volume
         if order.remaining <= EPS:
             self._finish(order, "filled")
         else:
             order.state = "partially_filled"
-        if self.enable_sl_tp and (order.sl or order.tp) and entry != "out":
-            pos = self.positions[(order.account, order.symbol)]
-            pos.sl, pos.tp, pos.sltp_comment, pos.magic = order.sl, order.tp, order.comment, order.magic
+        return ev
+
+    def _book(
+        self, *, account: str, symbol: str, magic: int, buy: bool, volume: float, price: float, order_id: str,
+        ticket: int, reason: str, pos: Pos | None = None, sl: float = 0.0, tp: float = 0.0,
+    ) -> DealEvent:
+        """Net one deal into a position (``pos``, or the ``(account, symbol, magic)`` one),
+        realize its profit, and publish it.
+
+        The entry is ``in`` (opens or adds), ``out`` (reduces or closes: the average is kept)
+        or ``inout`` (reverses: the position gets the deal's order ticket and comment, the
+        deal price as average, and the order's SL/TP).  A new position gets the order's
+        SL/TP; an addition replaces them only if the order has any."""
+        m = self.markets[symbol]
+        volume = _r8(volume)
+        price = round(price, m.spec.digits)
+        if pos is None:
+            pos = self.positions.get((account, symbol, magic)) or Pos(account, symbol, magic)
+        net = pos.net
+        signed = volume if buy else -volume
+        new = _r8(net + signed)
+        profit = 0.0
+        if abs(net) <= EPS or (net > 0) == buy:
+            entry = "in"
+            if abs(net) <= EPS:  # a new position: this order's ticket, comment, SL and TP
+                pos.ticket, pos.comment, pos.deals, pos.avg = ticket, order_id, [], price
+                pos.sl, pos.tp = sl, tp
+            else:
+                pos.avg = (abs(net) * (pos.avg or price) + volume * price) / abs(new)
+                if sl or tp:
+                    pos.sl, pos.tp = sl, tp
+        else:
+            closed = min(volume, abs(net))
+            profit = self._profit(m, net > 0, closed, pos.avg if pos.avg is not None else price, price)
+            if volume <= abs(net) + EPS:
+                entry = "out"
+                if abs(new) <= EPS:
+                    new = 0.0
+            else:
+                entry = "inout"
+                pos.ticket, pos.comment, pos.deals, pos.avg = ticket, order_id, [], price
+                pos.sl, pos.tp = sl, tp
+        pos.net = new
+        ev = DealEvent(
+            order_id=order_id, deal=self._deal_ticket(), ticket=ticket, symbol=symbol, side="buy" if buy else "sell",
+            price=price, volume=volume, time=self.clock(), account=account, magic=magic, entry=entry, reason=reason,
+            position=pos.ticket or None, profit=profit, currency=ACCOUNT_CURRENCY,
+        )
+        if abs(new) <= EPS:
+            self.positions.pop(pos.key, None)
+        else:
+            pos.deals.append(ev.deal)
+            del pos.deals[:-POSITION_DEALS_KEPT]
+            self.positions[pos.key] = pos
+        if profit:
+            self.realized[account] = round(self.realized[account] + profit, 2)
         self._emit(ev)
         return ev
 
@@ -580,63 +709,149 @@ class BrokerSimulator:
             self.unpublished += 1
             self._outbox.put_nowait(ev)
 
-    def _apply_position(self, account: str, symbol: str, signed: float, price: float) -> str:
-        """Net a deal into the position; the deal's entry: in, out or inout (a reversal)."""
-        pos = self.positions.setdefault((account, symbol), Pos())
-        net = pos.net
-        new = _r8(net + signed)
-        if abs(net) <= EPS or (net > 0) == (signed > 0):
-            pos.avg = (abs(net) * (pos.avg or 0.0) + abs(signed) * price) / abs(new)
-            entry = "in"
-        elif abs(signed) <= abs(net) + EPS:
-            entry = "out"
-            if abs(new) <= EPS:
-                new, pos.avg = 0.0, None
-        else:
-            pos.avg = price
-            entry = "inout"
-        pos.net = new
-        if abs(new) <= EPS:
-            pos.net, pos.avg, pos.sl, pos.tp = 0.0, None, 0.0, 0.0
-        return entry
+    def _position_by_ticket(self, account: str, ticket: int) -> Pos | None:
+        if ticket <= 0:
+            return None
+        for p in self.positions.values():
+            if p.ticket == ticket and p.account == account and abs(p.net) > EPS:
+                return p
+        return None
+
+    def _broker_close(self, pos: Pos, reason: str) -> SimOrder:
+        """Close a whole position with a broker-made market order (SL, TP, stop-out) at the
+        touch.  Its deals carry the comment of the order that opened the position, the
+        position's magic and ticket, and ``reason``; the order is kept in ``broker_orders``."""
+        m = self.markets[pos.symbol]
+        long = pos.long
+        px = m.bid if long else m.ask
+        closer = SimOrder(
+            ticket=self._ticket(), request_id=0, account=pos.account, magic=pos.magic, comment=pos.comment,
+            symbol=pos.symbol, type=OrderType.SELL if long else OrderType.BUY, volume_initial=abs(pos.net),
+            price=0.0, stoplimit=0.0, sl=0.0, tp=0.0, deviation=0, expiration=None, state="placed",
+            retcode=int(Retcode.DONE), close_position=pos.ticket, reason=reason,
+        )
+        self.broker_orders[closer.ticket] = closer
+        self.stats[f"closed_by_{reason}"] += 1
+        log.info("%s: closing position %s (%s %s %+g, magic %s) at %s", reason, pos.ticket, pos.account,
+                 pos.symbol, pos.net, pos.magic, px)
+        while abs(pos.net) > EPS:
+            ev = self._book(account=pos.account, symbol=pos.symbol, magic=pos.magic, buy=not long,
+                            volume=min(abs(pos.net), MAX_LOTS), price=px, order_id=pos.comment,
+                            ticket=closer.ticket, reason=reason, pos=pos)
+            closer.deals.append(ev)
+            closer.position = pos.ticket
+            closer.volume_filled = _r8(closer.volume_filled + ev.volume)
+            closer.notional += ev.price * ev.volume
+        closer.state = "filled"
+        return closer
 
     def _check_sl_tp(self, m: Market) -> None:
         symbol = m.spec.symbol
-        for (account, sym), pos in list(self.positions.items()):
-            if sym != symbol or abs(pos.net) <= EPS or not (pos.sl or pos.tp):
+        for pos in [p for p in self.positions.values() if p.symbol == symbol and (p.sl or p.tp)]:
+            if abs(pos.net) <= EPS:
                 continue
-            long = pos.net > 0
-            px = m.bid if long else m.ask
+            long = pos.long
+            px = m.bid if long else m.ask  # the price the position closes at
             which = None
-            if pos.sl and (px <= pos.sl if long else px >= pos.sl):
+            if pos.sl and (px <= pos.sl + EPS if long else px >= pos.sl - EPS):
                 which = "sl"
-            elif pos.tp and (px >= pos.tp if long else px <= pos.tp):
+            elif pos.tp and (px >= pos.tp - EPS if long else px <= pos.tp + EPS):
                 which = "tp"
-            if which is None:
-                continue
-            # The closing deal belongs to a broker-made order, not to ours: its own id.
-            comment = f"{pos.sltp_comment}:{which}"
-            closer = SimOrder(
-                ticket=self._ticket(), request_id=0, account=account, magic=pos.magic, comment=comment,
-                symbol=symbol, type=OrderType.SELL if long else OrderType.BUY, volume_initial=abs(pos.net),
-                price=0.0, stoplimit=0.0, sl=0.0, tp=0.0, deviation=0, expiration=None, state="placed",
-                retcode=int(Retcode.DONE),
-            )
-            closer.result = TradeResult(retcode=int(Retcode.DONE), order=closer.ticket, comment=f"closed by {which}",
-                                        request_comment=comment)
-            self.orders[closer.key] = closer
-            self.stats[f"closed_by_{which}"] += 1
-            while closer.remaining > EPS:
-                self._deal(closer, m, min(closer.remaining, MAX_LOTS), px)
+            if which is not None:
+                self._broker_close(pos, which)
+
+    # ------------------------------------------------------------------ money
+    def _usd_per(self, ccy: str) -> float:
+        """USD for one unit of ``ccy`` at the simulator's own current mid (``CCYUSD``, or
+        1 / ``USDCCY``); 1.0 (logged once) for a currency no symbol converts."""
+        if ccy == ACCOUNT_CURRENCY:
+            return 1.0
+        direct = self.markets.get(f"{ccy}{ACCOUNT_CURRENCY}")
+        if direct is not None:
+            return (direct.bid + direct.ask) / 2
+        inverse = self.markets.get(f"{ACCOUNT_CURRENCY}{ccy}")
+        if inverse is not None:
+            return 2 / (inverse.bid + inverse.ask)
+        if ccy not in self._unconvertible:
+            self._unconvertible.add(ccy)
+            log.warning("no symbol converts %s to %s: counted 1:1", ccy, ACCOUNT_CURRENCY)
+        return 1.0
+
+    def _to_usd(self, amount: float, m: Market, price: float) -> float:
+        """An amount in the symbol's quote currency in USD: as is for a USD quote, divided by
+        ``price`` for a USD-base pair (USDJPY), else at the current QUOTEUSD / USDQUOTE mid."""
+        quote = m.spec.quote_currency
+        if quote == ACCOUNT_CURRENCY:
+            return amount
+        if m.spec.symbol[:3] == ACCOUNT_CURRENCY:
+            return amount / price
+        return amount * self._usd_per(quote)
+
+    def _profit(self, m: Market, long: bool, volume: float, avg: float, price: float) -> float:
+        """The realized profit (USD, 2 decimals) of closing ``volume`` of a position at ``price``."""
+        raw = volume * (price - avg) * (1 if long else -1) * m.spec.contract_size
+        return round(self._to_usd(raw, m, price), 2)
+
+    def _floating(self, pos: Pos) -> float:
+        m = self.markets[pos.symbol]
+        px = m.bid if pos.long else m.ask
+        raw = pos.net * (px - (pos.avg if pos.avg is not None else px)) * m.spec.contract_size
+        return self._to_usd(raw, m, px)
+
+    def _margin_of(self, pos: Pos) -> float:
+        m = self.markets[pos.symbol]
+        mid = (m.bid + m.ask) / 2
+        base_usd = 1.0 if m.spec.symbol[:3] == ACCOUNT_CURRENCY else mid * self._usd_per(m.spec.quote_currency)
+        return abs(pos.net) * m.spec.contract_size * base_usd / self.leverage
+
+    def account_state(self, account: str) -> dict[str, Any]:
+        """Balance, realized and floating profit, equity, margin and margin level (USD, %)."""
+        positions = [p for p in self.positions.values() if p.account == account and abs(p.net) > EPS]
+        balance = self.balances.get(account, self.balance)
+        realized = float(self.realized.get(account, 0.0))
+        floating = sum((self._floating(p) for p in positions), 0.0)
+        margin = sum((self._margin_of(p) for p in positions), 0.0)
+        equity = balance + realized + floating
+        return {
+            "account": account, "currency": ACCOUNT_CURRENCY, "balance": balance, "realized": round(realized, 2),
+            "floating": round(floating, 2), "equity": round(equity, 2), "margin": round(margin, 2),
+            "margin_level": round(equity / margin * 100, 4) if margin > EPS else None,
+            "leverage": self.leverage, "stop_out_level": self.stop_out_level, "positions": len(positions),
+        }
+
+    def _check_stop_outs(self) -> None:
+        """While an account's margin level is below ``stop_out_level``, close its position
+        with the largest floating loss (on an open market), then look again."""
+        if not self.enable_stop_out or not self.positions:
+            return
+        by_account: dict[str, list[Pos]] = {}
+        for p in self.positions.values():
+            by_account.setdefault(p.account, []).append(p)
+        for account, positions in sorted(by_account.items()):
+            for _ in range(len(positions)):
+                positions = [p for p in positions if abs(p.net) > EPS]
+                floating = {id(p): self._floating(p) for p in positions}
+                margin = sum(self._margin_of(p) for p in positions)
+                balance = self.balances.get(account, self.balance) + float(self.realized.get(account, 0.0))
+                equity = balance + sum(floating.values())
+                if margin <= EPS or equity / margin * 100 >= self.stop_out_level:
+                    break
+                closable = [p for p in positions if not self.markets[p.symbol].closed]
+                if not closable:
+                    break
+                worst = min(closable, key=lambda p: (floating[id(p)], p.ticket))
+                log.warning("stop out %s: equity %.2f, margin %.2f (%.1f%% < %g%%)", account, equity, margin,
+                            equity / margin * 100, self.stop_out_level)
+                self._broker_close(worst, "stop_out")
 
     def _gross(self, account: str) -> float:
-        return sum(abs(p.net) for (a, _), p in self.positions.items() if a == account)
+        return sum(abs(p.net) for p in self.positions.values() if p.account == account)
 
-    def _check_margin(self, account: str, symbol: str, buy: bool, volume: float) -> None:
+    def _check_margin(self, account: str, symbol: str, magic: int, buy: bool, volume: float) -> None:
         """Margin as gross open lots per account: refuse an order that would raise the
         account's gross exposure above its limit."""
         limit = self.margin.get(account, self.margin_limit_lots)
-        pos = self.positions.get((account, symbol))
+        pos = self.positions.get((account, symbol, magic))
         net = pos.net if pos else 0.0
         gross = self._gross(account)
         after = gross - abs(net) + abs(net + (volume if buy else -volume))
@@ -715,9 +930,33 @@ class BrokerSimulator:
             self.rejections[key] = Rejection(req, result)
             self.stats["rejected"] += 1
             return result
+        if result.deal:
+            self._check_stop_outs()
         if execute_as is not None:
             return self._result(execute_as, req, f"injected retcode {execute_as} (order executed)", m)
         return result
+
+    def _expiration(self, type_time: OrderTime, expiration: datetime | None, m: Market, pending: bool) -> datetime | None:
+        """When a new order stops working (None: never), or 10022.  A symbol without broker
+        expiry takes GTC only; a market order executes at once and needs none."""
+        if type_time is OrderTime.GTC:
+            return None
+        if not m.spec.broker_expiry:
+            raise Reject(Retcode.INVALID_EXPIRATION,
+                         f"{m.spec.symbol}: the broker does not expire orders of this symbol (GTC only)")
+        if not pending:
+            return None
+        now = self.clock()
+        if type_time is OrderTime.DAY:
+            return next_midnight(now)
+        if expiration is None:
+            raise Reject(Retcode.INVALID_EXPIRATION, f"type_time {type_time.name} needs an expiration")
+        exp = _utc(expiration)
+        if type_time is OrderTime.SPECIFIED_DAY:
+            exp = next_midnight(exp)  # the end of that UTC day
+        if exp <= now:
+            raise Reject(Retcode.INVALID_EXPIRATION, f"expiration {exp.isoformat()} is not in the future")
+        return exp
 
     def _execute(self, req: TradeRequest, key: Key) -> TradeResult:
         t = req.type
@@ -727,6 +966,8 @@ class BrokerSimulator:
         elif req.action is TradeAction.PENDING:
             if t not in PENDING_TYPES:
                 raise Reject(Retcode.INVALID_ORDER, f"order type {t.name} is not a pending order")
+            if req.position:
+                raise Reject(Retcode.INVALID_ORDER, "a close (position) must be a market order (action DEAL)")
         else:
             raise Reject(Retcode.INVALID, f"action {req.action.name} is not supported by the simulator")
         m = self.markets.get(req.symbol)
@@ -738,29 +979,38 @@ class BrokerSimulator:
         buy = t.is_buy
         point = m.spec.point
         level = self.stops_level_points
+        expiration = self._expiration(req.type_time, req.expiration, m, not t.is_market)
+        if req.position:
+            target = self._position_by_ticket(req.account, req.position)
+            if target is None:
+                raise Reject(Retcode.POSITION_CLOSED, f"position {req.position} is closed or unknown")
+            if target.symbol != req.symbol:
+                raise Reject(Retcode.INVALID, f"position {req.position} is on {target.symbol}, not {req.symbol}")
+            if target.long == buy:
+                raise Reject(Retcode.INVALID_ORDER,
+                             f"a {t.side} does not close the {'long' if target.long else 'short'} position {req.position}")
+            if req.volume > abs(target.net) + EPS:
+                raise Reject(Retcode.INVALID_CLOSE_VOLUME,
+                             f"close volume {req.volume:g} above the position's {abs(target.net):g}")
+            if req.sl or req.tp:
+                raise Reject(Retcode.INVALID_STOPS, "a close takes no SL/TP")
         if t.is_market:
             ref_pts = m.points(m.bid if buy else m.ask)  # a buy position closes at the bid
         else:
-            if req.type_time in (c.OrderTime.SPECIFIED, c.OrderTime.SPECIFIED_DAY):
-                exp = req.expiration
-                if exp is None or (exp if exp.tzinfo else exp.replace(tzinfo=UTC)) <= utcnow():
-                    raise Reject(Retcode.INVALID_EXPIRATION, "expiration missing or in the past")
             self._check_pending_price(req, m)
-            ref_pts = m.points(req.stoplimit if t in (OrderType.BUY_STOP_LIMIT, OrderType.SELL_STOP_LIMIT) else req.price)
-        self._check_stops(req, m, buy, ref_pts, level)
-        self._check_margin(req.account, req.symbol, buy, req.volume)
+            ref_pts = m.points(req.stoplimit if t in STOP_LIMIT_TYPES else req.price)
+        self._check_stops(req.sl, req.tp, m, buy, ref_pts, level)
+        if not req.position:  # a close reduces the exposure: no margin needed
+            self._check_margin(req.account, req.symbol, req.magic, buy, req.volume)
         if t.is_market and req.price > 0:
             touch = self._touch(m, buy)
             if abs(m.points(touch) - m.points(req.price)) > req.deviation:
                 raise Reject(Retcode.REQUOTE, f"requote: {touch} is {abs(touch - req.price) / point:.0f} points from {req.price}")
-        expiration = req.expiration if req.type_time in (c.OrderTime.SPECIFIED, c.OrderTime.SPECIFIED_DAY) else None
-        if expiration is not None and expiration.tzinfo is None:
-            expiration = expiration.replace(tzinfo=UTC)
         order = SimOrder(
             ticket=self._ticket(), request_id=self._next_request, account=req.account, magic=req.magic,
             comment=req.comment, symbol=req.symbol, type=t, volume_initial=_r8(req.volume), price=req.price,
             stoplimit=req.stoplimit, sl=req.sl, tp=req.tp, deviation=req.deviation, expiration=expiration,
-            state="placed",
+            state="placed", type_time=req.type_time, close_position=req.position,
         )
         self.orders[key] = order
         self.rejections.pop(key, None)
@@ -770,6 +1020,7 @@ class BrokerSimulator:
         if t.is_market:
             price = self._slipped(m, buy, req.deviation, req.price)
             ev = self._deal(order, m, min(order.volume_initial, self.liquidity_lots), price)
+            assert ev is not None  # a close's position was just checked
             retcode = Retcode.DONE if order.state == "filled" else Retcode.DONE_PARTIAL
             text = "done" if retcode is Retcode.DONE else f"done partially: {ev.volume:g} of {order.volume_initial:g} lots"
             order.result = self._result(retcode, req, text, m, order=order.ticket, deal=ev.deal, volume=ev.volume, price=ev.price)
@@ -789,11 +1040,11 @@ class BrokerSimulator:
         if abs(steps - round(steps)) > 1e-6:
             raise Reject(Retcode.INVALID_VOLUME, f"volume {volume} is not a multiple of {self.volume_step}")
 
-    def _check_pending_price(self, req: TradeRequest, m: Market) -> None:
-        t, level = req.type, self.stops_level_points
-        if req.price <= 0 or not math.isfinite(req.price):
-            raise Reject(Retcode.INVALID_PRICE, f"invalid price {req.price}")
-        p, bid, ask = m.points(req.price), m.points(m.bid), m.points(m.ask)
+    def _check_pending(self, t: OrderType, price: float, stoplimit: float, m: Market) -> None:
+        level = self.stops_level_points
+        if price <= 0 or not math.isfinite(price):
+            raise Reject(Retcode.INVALID_PRICE, f"invalid price {price}")
+        p, bid, ask = m.points(price), m.points(m.bid), m.points(m.ask)
         ok = {
             OrderType.BUY_LIMIT: p <= ask - level,
             OrderType.SELL_LIMIT: p >= bid + level,
@@ -803,19 +1054,22 @@ class BrokerSimulator:
             OrderType.SELL_STOP_LIMIT: p <= bid - level,
         }[t]
         if not ok:
-            raise Reject(Retcode.INVALID_PRICE, f"invalid price {req.price} for a {t.name} at {m.bid}/{m.ask}")
-        if t in (OrderType.BUY_STOP_LIMIT, OrderType.SELL_STOP_LIMIT) and (req.stoplimit <= 0 or not math.isfinite(req.stoplimit)):
-            raise Reject(Retcode.INVALID_PRICE, f"invalid stop-limit price {req.stoplimit}")
+            raise Reject(Retcode.INVALID_PRICE, f"invalid price {price} for a {t.name} at {m.bid}/{m.ask}")
+        if t in STOP_LIMIT_TYPES and (stoplimit <= 0 or not math.isfinite(stoplimit)):
+            raise Reject(Retcode.INVALID_PRICE, f"invalid stop-limit price {stoplimit}")
 
-    def _check_stops(self, req: TradeRequest, m: Market, buy: bool, ref_pts: int, level: int) -> None:
-        for name, value in (("sl", req.sl), ("tp", req.tp)):
+    def _check_pending_price(self, req: TradeRequest, m: Market) -> None:
+        self._check_pending(req.type, req.price, req.stoplimit, m)
+
+    def _check_stops(self, sl_price: float, tp_price: float, m: Market, buy: bool, ref_pts: int, level: int) -> None:
+        for name, value in (("sl", sl_price), ("tp", tp_price)):
             if value < 0 or not math.isfinite(value):
                 raise Reject(Retcode.INVALID_STOPS, f"invalid {name} {value}")
-        sl, tp = m.points(req.sl), m.points(req.tp)
-        if req.sl > 0 and not (sl <= ref_pts - level if buy else sl >= ref_pts + level):
-            raise Reject(Retcode.INVALID_STOPS, f"invalid stops: sl {req.sl} vs {ref_pts * m.spec.point:.{m.spec.digits}f}")
-        if req.tp > 0 and not (tp >= ref_pts + level if buy else tp <= ref_pts - level):
-            raise Reject(Retcode.INVALID_STOPS, f"invalid stops: tp {req.tp} vs {ref_pts * m.spec.point:.{m.spec.digits}f}")
+        sl, tp = m.points(sl_price), m.points(tp_price)
+        if sl_price > 0 and not (sl <= ref_pts - level if buy else sl >= ref_pts + level):
+            raise Reject(Retcode.INVALID_STOPS, f"invalid stops: sl {sl_price} vs {ref_pts * m.spec.point:.{m.spec.digits}f}")
+        if tp_price > 0 and not (tp >= ref_pts + level if buy else tp <= ref_pts - level):
+            raise Reject(Retcode.INVALID_STOPS, f"invalid stops: tp {tp_price} vs {ref_pts * m.spec.point:.{m.spec.digits}f}")
 
     def cancel(self, req: CancelRequest) -> TradeResult:
         order = self.orders.get((req.account, req.magic, req.comment))
@@ -842,6 +1096,105 @@ class BrokerSimulator:
             return to_json(TradeResult(retcode=int(Retcode.INVALID), comment=f"invalid request: {reason}"))
         return to_json(self.cancel(req))
 
+    # ------------------------------------------------------------------ modify
+    def modify(self, req: ModifyRequest) -> TradeResult:
+        """``TRADE_ACTION_MODIFY`` of a working pending order, or ``TRADE_ACTION_SLTP`` of a
+        position (named by ``position``, or the one the filled order's deals went into)."""
+
+        def answer(retcode: Retcode, text: str, m: Market | None = None, ticket: int = 0) -> TradeResult:
+            return self._result(retcode, None, text, m, order=ticket, request_comment=req.comment)
+
+        if req.position:
+            pos = self._position_by_ticket(req.account, req.position)
+            if pos is None:
+                return answer(Retcode.POSITION_CLOSED, f"position {req.position} is closed or unknown")
+            return self._modify_position(req, pos, answer)
+        order = self.orders.get((req.account, req.magic, req.comment))
+        if order is None:
+            return answer(Retcode.INVALID, "order not found")
+        m = self.markets[order.symbol]
+        stop_as_market = order.triggered and order.type not in STOP_LIMIT_TYPES
+        if order.active and not order.type.is_market and not stop_as_market:
+            return self._modify_order(req, order, m, answer)
+        if not order.deals:  # final without a deal (cancelled, expired, rejected), or a market order in flight
+            return answer(Retcode.INVALID, f"order {order.state}: nothing to modify", m, order.ticket)
+        pos = self._position_by_ticket(order.account, order.position)
+        if pos is None:
+            return answer(Retcode.POSITION_CLOSED, f"the position of order {order.ticket} is closed", m, order.ticket)
+        return self._modify_position(req, pos, answer)
+
+    def _modify_order(self, req: ModifyRequest, order: SimOrder, m: Market, answer) -> TradeResult:
+        if m.closed:
+            return answer(Retcode.MARKET_CLOSED, "market closed", m, order.ticket)
+        d = m.spec.digits
+        price = order.price if req.price is None else req.price
+        stoplimit = order.stoplimit if req.stoplimit is None else req.stoplimit
+        sl = order.sl if req.sl is None else req.sl
+        tp = order.tp if req.tp is None else req.tp
+        same = (round(price, d) == round(order.price, d) and round(stoplimit, d) == round(order.stoplimit, d)
+                and round(sl, d) == round(order.sl, d) and round(tp, d) == round(order.tp, d))
+        type_time, expiration = order.type_time, order.expiration
+        if req.expiration is not None:
+            if type_time not in (OrderTime.SPECIFIED, OrderTime.SPECIFIED_DAY):
+                type_time = OrderTime.SPECIFIED  # an expiration given to a GTC or DAY order
+            try:
+                expiration = self._expiration(type_time, req.expiration, m, True)
+            except Reject as r:
+                return answer(r.retcode, r.text, m, order.ticket)
+            same = same and expiration == order.expiration
+        if same:
+            return answer(Retcode.NO_CHANGES, "no changes", m, order.ticket)
+        try:
+            if order.triggered:  # a stop-limit whose stop triggered: now a limit at ``stoplimit``
+                if round(price, d) != round(order.price, d):
+                    raise Reject(Retcode.INVALID_ORDER, "the stop price of a triggered stop-limit cannot change")
+                self._check_pending(OrderType.BUY_LIMIT if order.is_buy else OrderType.SELL_LIMIT, stoplimit, 0.0, m)
+            else:
+                self._check_pending(order.type, price, stoplimit, m)
+            self._check_stops(sl, tp, m, order.is_buy, m.points(stoplimit if order.type in STOP_LIMIT_TYPES else price),
+                              self.stops_level_points)
+        except Reject as r:
+            return answer(r.retcode, r.text, m, order.ticket)
+        order.price, order.stoplimit, order.sl, order.tp = price, stoplimit, sl, tp
+        order.type_time, order.expiration = type_time, expiration
+        self.stats["orders_modified"] += 1
+        result = answer(Retcode.DONE, "modified", m, order.ticket)
+        self._match(order.symbol)  # a modified order may fill at once
+        self._check_stop_outs()
+        return result
+
+    def _modify_position(self, req: ModifyRequest, pos: Pos, answer) -> TradeResult:
+        m = self.markets[pos.symbol]
+        if req.price is not None or req.stoplimit is not None or req.expiration is not None:
+            return answer(Retcode.INVALID_ORDER, "only the SL/TP of a position can change", m, pos.ticket)
+        if m.closed:
+            return answer(Retcode.MARKET_CLOSED, "market closed", m, pos.ticket)
+        d = m.spec.digits
+        sl = pos.sl if req.sl is None else req.sl
+        tp = pos.tp if req.tp is None else req.tp
+        if round(sl, d) == round(pos.sl, d) and round(tp, d) == round(pos.tp, d):
+            return answer(Retcode.NO_CHANGES, "no changes", m, pos.ticket)
+        try:  # against the price the position closes at: the bid for a long, the ask for a short
+            self._check_stops(sl, tp, m, pos.long, m.points(m.bid if pos.long else m.ask), self.stops_level_points)
+        except Reject as r:
+            return answer(r.retcode, r.text, m, pos.ticket)
+        pos.sl, pos.tp = sl, tp
+        self.stats["positions_modified"] += 1
+        result = answer(Retcode.DONE, "position modified", m, pos.ticket)
+        self._match(pos.symbol)
+        self._check_stop_outs()
+        return result
+
+    def _on_modify(self, data: bytes) -> bytes:
+        self.stats["modify_requests"] += 1
+        try:
+            req = ModifyRequest.model_validate_json(data)
+        except ValidationError as exc:
+            reason, _ = describe_validation_error(exc)
+            return to_json(TradeResult(retcode=int(Retcode.INVALID), comment=f"invalid request: {reason}"))
+        return to_json(self.modify(req))
+
+    # ------------------------------------------------------------------ queries
     def status(self, q: StatusQuery) -> OrderStatus:
         key = (q.account, q.magic, q.comment)
         order = self.orders.get(key)
@@ -865,12 +1218,18 @@ class BrokerSimulator:
             return to_json(ErrorReply(error=describe_validation_error(exc)[0]))
         return to_json(self.status(q))
 
-    def snapshot(self, account: str | None = None) -> PositionsSnapshot:
-        out = [
-            c.BrokerPositionModel(account=a, symbol=s, net_volume=p.net, avg_price=round(p.avg, 8) if p.avg is not None else None)
-            for (a, s), p in sorted(self.positions.items())
-            if abs(p.net) > EPS and (account is None or a == account)
-        ]
+    def snapshot(self, account: str | None = None, magic: int | None = None) -> PositionsSnapshot:
+        with_deals = "deals" in c.BrokerPositionModel.model_fields  # a newer contract lists them
+        out = []
+        for key, p in sorted(self.positions.items()):
+            if abs(p.net) <= EPS or (account is not None and p.account != account) or (magic is not None and p.magic != magic):
+                continue
+            extra = {"deals": list(p.deals)} if with_deals else {}
+            out.append(c.BrokerPositionModel(
+                account=p.account, symbol=p.symbol, net_volume=p.net,
+                avg_price=round(p.avg, 8) if p.avg is not None else None,
+                magic=p.magic, ticket=p.ticket, sl=p.sl, tp=p.tp, **extra,
+            ))
         return PositionsSnapshot(positions=out, at=utcnow())
 
     def _on_positions(self, data: bytes) -> bytes:
@@ -878,7 +1237,7 @@ class BrokerSimulator:
             q = PositionsQuery.model_validate_json(data or b"{}")
         except ValidationError as exc:
             return to_json(ErrorReply(error=describe_validation_error(exc)[0]))
-        return to_json(self.snapshot(q.account))
+        return to_json(self.snapshot(q.account, q.magic))
 
     # ------------------------------------------------------------------ stats and control
     def stats_dict(self) -> dict[str, Any]:
@@ -923,6 +1282,59 @@ class BrokerSimulator:
     def _markets(self, cmd: dict) -> list[Market]:
         return [self._market(cmd)] if cmd.get("symbol") else list(self.markets.values())
 
+    def manual_trade(self, account: str, symbol: str, side: str, volume: float, magic: int = 0,
+                     comment: str = "") -> list[DealEvent]:
+        """A trade made by hand at the terminal: a deal at the touch with reason ``client``,
+        netted into the ``(account, symbol, magic)`` position and published like any deal.
+
+        A deal that reduces that position carries the comment of the order that opened it;
+        one that opens a position carries ``comment``; a reversal is made of both."""
+        m = self.markets.get(symbol)
+        if m is None:
+            raise ValueError(f"unknown symbol {symbol!r}")
+        if m.closed:
+            raise ValueError(f"market closed for {symbol}")
+        if side not in ("buy", "sell"):
+            raise ValueError(f"side must be buy or sell, got {side!r}")
+        if magic < 0:
+            raise ValueError("magic must not be negative")
+        try:
+            self._check_volume(volume)
+        except Reject as r:
+            raise ValueError(r.text) from None
+        buy = side == "buy"
+        volume = _r8(volume)
+        comment = comment[: c.MAX_COMMENT]  # MT5 truncates a longer comment
+        order = SimOrder(
+            ticket=self._ticket(), request_id=0, account=account, magic=magic, comment=comment, symbol=symbol,
+            type=OrderType.BUY if buy else OrderType.SELL, volume_initial=volume, price=0.0, stoplimit=0.0,
+            sl=0.0, tp=0.0, deviation=0, expiration=None, state="placed", retcode=int(Retcode.DONE), reason="client",
+        )
+        self.broker_orders[order.ticket] = order
+        self.stats["manual_trades"] += 1
+        price = self._touch(m, buy)
+        pos = self.positions.get((account, symbol, magic))
+        legs: list[tuple[float, str, Pos | None]] = []
+        if pos is not None and abs(pos.net) > EPS and pos.long != buy:
+            # An exit of that position: routed to the order that opened it.  A reversal is
+            # two deals: an out that closes the position, an in that opens the new one.
+            closing = min(volume, abs(pos.net))
+            legs.append((closing, pos.comment, pos))
+            if volume > closing + EPS:
+                legs.append((_r8(volume - closing), comment, None))
+        else:
+            legs.append((volume, comment, None))
+        for leg_volume, order_id, target in legs:
+            ev = self._book(account=account, symbol=symbol, magic=magic, buy=buy, volume=leg_volume, price=price,
+                            order_id=order_id, ticket=order.ticket, reason="client", pos=target)
+            order.deals.append(ev)
+            order.position = ev.position or 0
+            order.volume_filled = _r8(order.volume_filled + ev.volume)
+            order.notional += ev.price * ev.volume
+        order.state = "filled"
+        self._check_stop_outs()
+        return order.deals
+
     def control(self, cmd: dict) -> dict[str, Any]:
         """Apply a control command (see ``CONTRACT.md``); returns extra reply fields."""
         name = cmd["cmd"]
@@ -954,6 +1366,7 @@ class BrokerSimulator:
             m.mid = (bid + ask) / 2
             m.held = bool(cmd.get("hold", m.held))
             self._match(m.spec.symbol)
+            self._check_stop_outs()
             return {"symbol": m.spec.symbol, "bid": m.bid, "ask": m.ask, "held": m.held}
         if name == "release":
             for m in self._markets(cmd):
@@ -983,15 +1396,34 @@ class BrokerSimulator:
         if name == "set_position":
             account, symbol = str(cmd["account"]), str(cmd["symbol"])
             self._market(cmd)
+            magic = cmd.get("magic")
+            if magic is None:  # the position of that account and symbol, if there is exactly one
+                same = [p for p in self.positions.values() if p.account == account and p.symbol == symbol]
+                magic = same[0].magic if len(same) == 1 else 0
+            magic = int(magic)
+            key = (account, symbol, magic)
             net = float(cmd.get("net_volume", 0.0))
             avg = cmd.get("avg_price")
             if abs(net) <= EPS:
-                self.positions.pop((account, symbol), None)
-            else:
-                pos = self.positions.setdefault((account, symbol), Pos())
-                pos.net = _r8(net)
-                pos.avg = float(avg) if avg is not None else self.markets[symbol].bid
-            return {}
+                self.positions.pop(key, None)
+                return {"magic": magic, "ticket": 0}
+            pos = self.positions.get(key)
+            if pos is None:
+                pos = Pos(account, symbol, magic, ticket=self._ticket(), comment=str(cmd.get("comment", ""))[: c.MAX_COMMENT])
+                self.positions[key] = pos
+            pos.net = _r8(net)
+            pos.avg = float(avg) if avg is not None else self.markets[symbol].bid
+            if cmd.get("sl") is not None:
+                pos.sl = float(cmd["sl"])
+            if cmd.get("tp") is not None:
+                pos.tp = float(cmd["tp"])
+            return {"magic": magic, "ticket": pos.ticket}
+        if name == "manual_trade":
+            deals = self.manual_trade(
+                str(cmd["account"]), str(cmd["symbol"]), str(cmd.get("side", "")), float(cmd["volume"]),
+                int(cmd.get("magic", 0)), str(cmd.get("comment", "")),
+            )
+            return {"order": deals[0].ticket, "deals": [to_dict(d) for d in deals]}
         if name in ("close_market", "open_market"):
             for m in self._markets(cmd):
                 m.closed = name == "close_market"
@@ -1003,6 +1435,33 @@ class BrokerSimulator:
             else:
                 self.margin_limit_lots = lots
             return {}
+        if name == "set_balance":
+            balance = float(cmd["balance"])
+            if not math.isfinite(balance):
+                raise ValueError("balance must be a finite number")
+            if cmd.get("account"):
+                self.balances[str(cmd["account"])] = balance
+            else:
+                self.balance = balance
+            self._check_stop_outs()
+            return {}
+        if name == "set_stop_out":
+            if cmd.get("enabled") is not None:
+                self.enable_stop_out = bool(cmd["enabled"])
+            if cmd.get("level") is not None:
+                level = float(cmd["level"])
+                if not (math.isfinite(level) and level >= 0):
+                    raise ValueError("stop-out level must be a number >= 0")
+                self.stop_out_level = level
+            if cmd.get("leverage") is not None:
+                leverage = float(cmd["leverage"])
+                if not (math.isfinite(leverage) and leverage > 0):
+                    raise ValueError("leverage must be positive")
+                self.leverage = leverage
+            self._check_stop_outs()
+            return {"enabled": self.enable_stop_out, "level": self.stop_out_level, "leverage": self.leverage}
+        if name == "account":
+            return self.account_state(str(cmd["account"]))
         if name == "set_liquidity":
             lots = float(cmd["lots"])
             if lots <= 0:
@@ -1046,15 +1505,17 @@ def _env_options(environ: Mapping[str, str]) -> dict[str, Any]:
     kinds = {
         "liquidity_lots": float, "tick_interval": float, "volatility_pips": float, "mean_reversion": float,
         "spread_pips": float, "stops_level_points": int, "max_slippage_points": int, "margin_limit_lots": float,
+        "balance": float, "leverage": float, "stop_out_level": float,
     }
     out: dict[str, Any] = {}
     for name, kind in kinds.items():
         raw = environ.get(f"EXECUTION_SIM_{name.upper()}")
         if raw:
             out[name] = kind(raw)
-    raw = environ.get("EXECUTION_SIM_ENABLE_SL_TP")
-    if raw:
-        out["enable_sl_tp"] = raw.strip().lower() in ("1", "true", "yes", "on")
+    for name in ("enable_sl_tp", "enable_stop_out"):  # both on unless set to something else than 1/true/yes/on
+        raw = environ.get(f"EXECUTION_SIM_{name.upper()}")
+        if raw:
+            out[name] = raw.strip().lower() in ("1", "true", "yes", "on")
     return out
 
 

@@ -66,6 +66,7 @@ def test_mt5_numbers():
 def test_subjects():
     assert c.SUBMIT == "mt5.orders.submit" and c.CANCEL == "mt5.orders.cancel"
     assert c.STATUS == "mt5.orders.status" and c.POSITIONS == "mt5.positions.snapshot"
+    assert c.MODIFY == "mt5.orders.modify"
     assert c.fills_subject("EURUSD") == "mt5.fills.EURUSD"
     assert (c.FILLS_STREAM, c.FILLS_SUBJECTS) == ("MT5_FILLS", "mt5.fills.>")
     assert (c.CONTROL, c.STATS) == ("mt5.sim.control", "mt5.sim.stats")
@@ -87,6 +88,11 @@ def test_trade_request_round_trip_and_limits():
         TradeRequest(symbol="EURUSD", volume=0.1, type=9, comment="x")
     # Volume and price are the broker's to check (it answers with a retcode).
     assert TradeRequest(symbol="EURUSD", volume=0, type=0, comment="x").volume == 0
+    # A close names its position; 0 is an ordinary order.
+    assert TradeRequest(symbol="EURUSD", volume=0.1, type=1, comment="x").position == 0
+    assert TradeRequest(symbol="EURUSD", volume=0.1, type=1, comment="x", position=42).position == 42
+    with pytest.raises(ValidationError):
+        c.ModifyRequest(comment="x" * 32)
 
 
 def test_deal_event_is_a_fill_with_extras():
@@ -98,6 +104,17 @@ def test_deal_event_is_a_fill_with_extras():
     assert raw["entry"] == "out" and raw["account"] == "acc-1" and raw["time"].endswith("Z")
     with pytest.raises(ValidationError):
         DealEvent(order_id="o", deal=1, symbol="EURUSD", side="buy", price=1.0, volume=1.0, time=utcnow(), entry="sideways")
+    assert DealEvent is Fill
+    # An exit the broker made: the opening order's comment, the position's ticket, the profit.
+    exit_ = from_json(Fill, to_json(DealEvent(
+        order_id="o-1", deal=9, ticket=8, symbol="USDJPY", side="buy", price=156.0, volume=1.0, time=utcnow(),
+        account="acc-1", magic=7, entry="out", reason="tp", position=4, profit=641.03)))
+    assert (exit_.reason, exit_.position, exit_.profit, exit_.currency, exit_.is_exit) == ("tp", 4, 641.03, "USD", True)
+    for reason in ("expert", "client", "sl", "tp", "stop_out"):
+        assert DealEvent(order_id="", deal=1, symbol="EURUSD", side="buy", price=1.0, volume=1.0, time=utcnow(),
+                         reason=reason).routing_key == "deal-1"
+    with pytest.raises(ValidationError):
+        DealEvent(order_id="o", deal=1, symbol="EURUSD", side="buy", price=1.0, volume=1.0, time=utcnow(), reason="margin")
 
 
 def test_status_and_snapshot_models():
@@ -107,6 +124,7 @@ def test_status_and_snapshot_models():
         OrderStatus(known=True, state="half_done")
     snap = from_json(PositionsSnapshot, b'{"positions": [{"account": "a", "symbol": "EURUSD", "net_volume": -1.5, "avg_price": 1.08}]}')
     assert snap.positions[0].as_tuple() == ("a", "EURUSD", -1.5, 1.08)
+    assert (snap.positions[0].magic, snap.positions[0].ticket, snap.positions[0].sl) == (0, 0, 0.0)
     assert TradeResult(retcode=10010).outcome is S
 
 
@@ -152,4 +170,13 @@ async def test_client_sends_the_contract_payloads():
     assert orjson.loads(payload) == {"magic": 7, "comment": "o-1", "account": "acc"}
     nc.answer = b'{"positions": [], "at": "2024-01-01T00:00:00Z"}'
     await client.positions(None)
-    assert nc.sent[-1][0] == c.POSITIONS and orjson.loads(nc.sent[-1][1]) == {"account": None}
+    assert nc.sent[-1][0] == c.POSITIONS and orjson.loads(nc.sent[-1][1]) == {"account": None, "magic": None}
+    await client.positions("acc", magic=7)
+    assert orjson.loads(nc.sent[-1][1]) == {"account": "acc", "magic": 7}
+    nc.answer = b'{"retcode": 10025, "order": 3, "request_comment": "o-1"}'
+    result = await client.modify(c.ModifyRequest(magic=7, comment="o-1", account="acc", sl=1.07))
+    assert result.retcode == Retcode.NO_CHANGES
+    subject, payload, _ = nc.sent[-1]
+    assert subject == c.MODIFY == "mt5.orders.modify"
+    assert orjson.loads(payload) == {"magic": 7, "comment": "o-1", "account": "acc", "position": 0, "price": None,
+                                     "stoplimit": None, "sl": 1.07, "tp": None, "expiration": None}
