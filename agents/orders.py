@@ -408,11 +408,12 @@ class OrdersAgent:
             self.transition(order, step.event_type, now, b, reason=step.reason,
                             detail={"command_id": cmd.command_id, "retcode": cmd.payload.get("retcode")})
             return
+        # Refused or unanswered: the order filled, triggered or expired first, or the broker is
+        # away.  The archive says so; unless the order is final already, its status says which
+        # (the fills stream brings any fill).
+        b.emit(self.command_event(order, cmd, EventType.COMMAND_REFUSED, now, step.reason))
         if order.state.is_final:
             return
-        # Refused or unanswered: the order filled, triggered or expired first, or the broker is
-        # away.  Its status says which; the fills stream brings any fill.
-        b.emit(self.command_event(order, cmd, EventType.COMMAND_REFUSED, now, step.reason))
         b.later(lambda: self.run_task(f"status-{order.order_id}", self._check_stuck(order, stuck=False)))
 
     def on_modify_result(self, cmd: OrderCommand, order: Order, b: Batch, now: datetime) -> None:
