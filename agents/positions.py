@@ -80,10 +80,6 @@ class PositionsAgent:
             raise BadInput(str(exc)) from None
         if r.is_duplicate:
             return
-        if r.unapplied_volume:
-            log.warning("execution %s: exit deal %d of %s lots, %s beyond the position %s: not applied",
-                        ex.execution_id, ex.deal, ex.volume, r.unapplied_volume, key)
-            self.rt.metrics.inc("exit_volume_unapplied")
         b.emit((POSITIONS, key, to_json(r.position), None))
         b.put(self.positions, key, r.position)
 

@@ -6,8 +6,10 @@ position, expire); the same decision serves the front ends (HTTP, NATS, CLI), wh
 the command arrives (it may have moved since) and records a refusal in the audit trail.
 
 * **cancel**: a limit, stop or stop-limit order working at the broker (SUBMITTED or
-  PARTIALLY_FILLED; the unfilled rest is removed).  A market order cannot be cancelled once
-  sent, an order still PENDING is in the middle of its submission, a final order is final.
+  PARTIALLY_FILLED; the unfilled rest is removed), or the rest of a partially filled market
+  order (it waits for a price within the slippage cap).  A market order cannot be cancelled
+  once sent otherwise, an order still PENDING is in the middle of its submission, a final
+  order is final.
 * **modify**: the price (limit price of a limit, trigger of a stop or stop-limit) of a
   working pending order; stop-loss and take-profit of a working order, or of the position a
   filled order opened.  The new prices must keep SL below and TP above the reference price
@@ -74,8 +76,8 @@ def decide_cancel(order: Order | None) -> Decision:
         return Decision.refuse("unknown order", 404)
     if order.state.is_final:
         return Decision.refuse(f"order is {order.state.value}")
-    if order.order_type is OrderType.MARKET:
-        return Decision.refuse("a market order cannot be cancelled once sent")
+    if order.order_type is OrderType.MARKET and order.state is not S.PARTIALLY_FILLED:
+        return Decision.refuse("a market order cannot be cancelled once sent (only the unfilled rest of a partial fill)")
     if order.state is S.PENDING:
         return Decision.refuse("order is PENDING: its submission is in flight; cancel it once SUBMITTED")
     return ACCEPT

@@ -9,11 +9,10 @@ Average-cost accounting of one net position (an MT5 netting view):
   price and realizes ``(close - avg) x lots x direction`` (profit positive);
 * a deal larger than the position reverses it: the whole position is closed at the deal
   price, and the remainder opens on the other side at the deal price;
-* an exit deal (``entry`` ``out``: a close order, SL, TP, stop-out, a close at the terminal)
-  only ever reduces the position: the broker says it closed that much of an open position,
-  so the part of its volume beyond what we hold (all of it when we are flat or on its side)
-  is not applied (``PositionResult.unapplied_volume``).  That happens when a reconciliation
-  correction already set the position to the broker's, e.g. flat after the broker closed it.
+* every deal is applied in full, whatever its ``entry``: deals reach the positions agent
+  from every partition of the orders agent (an exit through the partition of the order that
+  opened the position, a later fill through its own), so they can arrive in any order, and
+  only a plain sum of signed volumes gives the same net position in every order.
 
 PnL, two figures:
 
@@ -119,8 +118,6 @@ class PositionResult:
     realized_pnl: float = 0.0
     #: The deal flipped the position from long to short or back.
     reversed: bool = False
-    #: Lots of an exit deal beyond the open position, not applied (see the module doc).
-    unapplied_volume: float = 0.0
 
 
 def _sign(units: int) -> int:
@@ -166,11 +163,6 @@ def apply_to_position(
     avg = position.avg_open_price
     if net != 0 and avg is None:
         raise ValueError(f"position {position.key} has volume {position.net_volume} but no average price")
-    unapplied = 0
-    if fill.entry == "out":  # only ever reduces: never opens, adds to or reverses a position
-        reducible = abs(net) if _sign(net) == -side.sign else 0
-        unapplied = max(0, qty - reducible)
-        qty -= unapplied
     delta = side.sign * qty
 
     closed = opened = 0
@@ -220,7 +212,6 @@ def apply_to_position(
         realized_pnl_price=round(pnl_price, PNL_PRICE_DECIMALS) + 0.0,
         realized_pnl=round(profit, PNL_DECIMALS) + 0.0,
         reversed=reversed_,
-        unapplied_volume=to_lots(unapplied),
     )
 
 

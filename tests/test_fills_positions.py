@@ -21,6 +21,7 @@ from pipeline import TEST_CONFIG, Pipeline
 from tables.fills import to_units
 from tables.idempotency import order_id_for
 from tables.order_types import MAGIC
+from tables.symbols import DEFAULT_SYMBOLS
 
 pytestmark = pytest.mark.slow
 
@@ -78,10 +79,23 @@ async def test_a_few_hundred_signals_fills_vwap_and_positions_agree(pipe: Pipeli
     orders = await pipe.orders()
     execs = await pipe.executions()
     filled = [orders[i] for i in ids if orders[i].state is OrderState.FILLED]
-    assert len(filled) >= len(market) * 0.9
-    assert any(len(execs[o.order_id]) > 1 for o in filled), "large orders fill in several deals"
+    # The market walks: a market order whose entry it left by more than the slippage cap
+    # (3 pips) is rejected, never filled past it.
+    cap = TEST_CONFIG["operational"].get("order_defaults", {}).get("max_slippage_pips", 3)
+    for i in market:
+        o = orders[i]
+        if o.state is not OrderState.FILLED:
+            assert o.state is OrderState.REJECTED and "slippage cap" in o.reason, (o.state, o.reason)
+            continue
+        pip = DEFAULT_SYMBOLS[o.symbol].pip_size
+        for f in execs[i]:
+            if f.reason == "expert":
+                assert (f.price - o.entry_price) * f.side.sign <= cap * pip + 1e-9, (i, f.price, o.entry_price)
+    assert len(filled) >= len(market) * 0.5
+    assert any(len([f for f in execs[o.order_id] if f.reason == "expert"]) > 1 for o in filled), \
+        "large orders fill in several deals"
     for o in filled:
-        fills = execs[o.order_id]
+        fills = [f for f in execs[o.order_id] if f.reason == "expert"]  # the rest: exits of its position
         assert sum(to_units(f.volume) for f in fills) == to_units(o.volume), o.order_id
         vwap = sum(f.price * f.volume for f in fills) / sum(f.volume for f in fills)
         assert o.avg_fill_price == pytest.approx(vwap, rel=1e-9)
@@ -94,7 +108,7 @@ async def test_a_few_hundred_signals_fills_vwap_and_positions_agree(pipe: Pipeli
     for key, units in expected.items():
         assert to_units(held[key].net_volume) == units, key
     # ... and the broker agrees.
-    snap = await pipe._request("mt5.positions.snapshot", {})
+    snap = await pipe._request("mt5.positions.snapshot", {"magic": MAGIC})
     broker = {f"{p['account']}:{p['symbol']}": to_units(p["net_volume"]) for p in snap["positions"]}
     for key, units in expected.items():
         assert broker.get(key, 0) == units, key

@@ -188,6 +188,27 @@ async def test_large_orders_fill_in_several_deals(env):
     assert [(p.symbol, p.net_volume) for p in snap.positions] == [("EURUSD", -12.0)]
 
 
+async def test_the_rest_of_a_large_market_order_waits_within_its_deviation(env):
+    """The rest of a market order works as a limit at the requested price plus the deviation:
+    a market that ran away leaves it waiting (no fill past the client's bound); a cancel
+    removes it."""
+    await hold(env, 1.08000)
+    r = await env.client.submit(order("rest-1", "rest", OrderType.BUY, volume=8.0, price=1.08010, deviation=5))
+    assert r.retcode == c.Retcode.DONE_PARTIAL and r.volume == 5.0
+    await hold(env, 1.08020)  # ask 1.08030: 20 points above the requested price
+    env.sim.tick()
+    st = await env.client.status(MAGIC, "rest-1", "rest")
+    assert (st.state, st.volume_filled) == ("partially_filled", 5.0)
+    assert (await env.client.cancel(MAGIC, "rest-1", "rest")).retcode == c.Retcode.DONE
+    st = await env.client.status(MAGIC, "rest-1", "rest")
+    assert (st.state, st.volume_filled) == ("cancelled", 5.0)
+    # Back within the deviation, a rest fills.
+    r = await env.client.submit(order("rest-2", "rest", OrderType.BUY, volume=8.0, price=1.08030, deviation=5))
+    await hold(env, 1.08000)
+    st = await wait_for(lambda: _filled(env, "rest-2", "rest"), what="rest-2 filled")
+    assert st.volume_filled == 8.0 and all(d.price <= 1.08035 for d in st.deals)
+
+
 async def _filled(env, comment: str, account: str):
     st = await env.client.status(MAGIC, comment, account)
     return st if st.state == "filled" else None

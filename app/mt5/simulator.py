@@ -581,7 +581,10 @@ class BrokerSimulator:
                 continue
             buy = order.is_buy
             if order.type.is_market:
-                self._fill(order, m, self._touch(m, buy))
+                touch = self._touch(m, buy)
+                if order.price > 0 and (m.points(touch) - m.points(order.price)) * (1 if buy else -1) > order.deviation:
+                    continue  # the rest works as a limit: the requested price plus the deviation
+                self._fill(order, m, touch)
                 continue
             t = order.type
             if t in (OrderType.BUY_STOP, OrderType.SELL_STOP):
@@ -1076,7 +1079,7 @@ class BrokerSimulator:
         if order is None:
             return TradeResult(retcode=int(Retcode.INVALID), comment="order not found", request_comment=req.comment)
         m = self.markets[order.symbol]
-        if order.type.is_market:
+        if order.type.is_market and not (order.active and order.volume_filled > EPS):
             return self._result(Retcode.INVALID_ORDER, None, "a market order cannot be removed", m,
                                 order=order.ticket, request_comment=req.comment)
         if not order.active:

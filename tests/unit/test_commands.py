@@ -60,6 +60,7 @@ def test_cancel_decisions():
     assert decide_cancel(make(OrderType.LIMIT, OrderState.SUBMITTED)).accepted
     assert decide_cancel(make(OrderType.STOP, OrderState.PARTIALLY_FILLED)).accepted
     assert "market" in decide_cancel(make(OrderType.MARKET, OrderState.SUBMITTED)).reason
+    assert decide_cancel(make(OrderType.MARKET, OrderState.PARTIALLY_FILLED)).accepted  # its rest
     assert "PENDING" in decide_cancel(make(OrderType.LIMIT, OrderState.PENDING)).reason
 
 

@@ -253,27 +253,15 @@ def test_correction_adds_only_new_broker_deals_in_order_and_bounded():
         correct_position(p, 0.4, 1.1, NOW, broker_deals=[0])
 
 
-def test_an_exit_never_takes_the_position_past_flat():
-    """The broker closed the position (SL) while we were corrected to flat from its snapshot
-    (the closed position's deals are in no snapshot): the late exit deal moves nothing, its
-    profit still counts.  An exit larger than what we hold only closes what we hold."""
-    p = run([pf(1, Side.BUY, 1.1000, 1.0, position=77)])
-    flat = correct_position(p, 0.0, None, NOW)
-    r = apply_to_position(flat, pf(2, Side.SELL, 1.0950, 1.0, entry="out", profit=-500.0, position=77),
-                          DEFAULT_SYMBOLS, NOW)
-    q = r.position
-    assert (q.net_volume, q.avg_open_price, q.realized_pnl, q.fills, q.deals) == (0.0, None, -500.0, 2, (1, 2))
-    assert r.unapplied_volume == 1.0 and r.closed_volume == 0.0 and r.realized_pnl_price == 0.0
-    # we hold 0.3 (corrected), the broker's exit was 1.0: 0.3 closed, no short opened
-    part = correct_position(p, 0.3, 1.1000, NOW)
-    r = apply_to_position(part, pf(2, Side.SELL, 1.1010, 1.0, entry="out", profit=100.0), DEFAULT_SYMBOLS, NOW)
-    assert (r.position.net_volume, r.closed_volume, r.unapplied_volume, r.reversed) == (0.0, 0.3, 0.7, False)
-    # an exit on the side of the position reduces nothing we hold
-    r = apply_to_position(p, pf(3, Side.BUY, 1.1, 0.5, entry="out"), DEFAULT_SYMBOLS, NOW)
-    assert (r.position.net_volume, r.unapplied_volume) == (1.0, 0.5)
-    # "in" and "inout" deals are applied in full, as before
-    r = apply_to_position(p, pf(3, Side.SELL, 1.1, 1.5, entry="inout"), DEFAULT_SYMBOLS, NOW)
-    assert r.position.net_volume == -0.5 and r.reversed and r.unapplied_volume == 0.0
+def test_deals_applied_in_any_order_give_the_same_net_position():
+    """Executions reach the positions agent from every partition of the orders agent: an exit
+    routed through the opening order's partition can overtake the fill of a later order that
+    added to the position.  The net position is the sum of the deals whatever their order."""
+    deals = [pf(1, Side.BUY, 1.1000, 1.0, position=77), pf(2, Side.BUY, 1.1010, 1.0, position=77),
+             pf(3, Side.SELL, 1.0950, 2.0, entry="out", profit=-1500.0, position=77)]
+    for order in ([0, 1, 2], [0, 2, 1], [2, 0, 1], [1, 2, 0]):
+        p = run([deals[k] for k in order])
+        assert (p.net_volume, p.realized_pnl, p.fills) == (0.0, -1500.0, 3), order
 
 
 def test_position_close_by_stop_loss_take_profit_and_stop_out():
