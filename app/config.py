@@ -34,10 +34,31 @@ class OrderDefaults(_Section):
     max_signal_age_seconds: float = Field(30, gt=0, le=86_400)
 
 
+def _drop_obsolete(data: Any, names: tuple[str, ...], section: str) -> Any:
+    """``data`` without the obsolete ``names`` (logged once per document): an old hub
+    document that still has them is accepted, not rejected."""
+    if isinstance(data, dict):
+        found = [k for k in names if k in data]
+        if found:
+            log.warning("config: ignoring obsolete operational.%s settings %s (no longer used)", section, ", ".join(found))
+            data = {k: v for k, v in data.items() if k not in found}
+    return data
+
+
+#: ``idempotency`` knobs of the seed that cannot be honoured: order ids derive from the signal
+#: id and the broker dedupes on them, so a signal can never get a second order (``enabled``
+#: false would be a lie) and ``signal_id`` is the only possible key (``dedupe_by``).
+OBSOLETE_IDEMPOTENCY = ("enabled", "dedupe_by")
+
+
 class Idempotency(_Section):
-    enabled: bool = True
+    #: How long ``signal_orders`` remembers a signal, and a final order stays in ``orders``.
     check_window_hours: float = Field(24, gt=0, le=24 * 30)
-    dedupe_by: str = Field("signal_id", pattern="^signal_id$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _obsolete(cls, data: Any) -> Any:
+        return _drop_obsolete(data, OBSOLETE_IDEMPOTENCY, "idempotency")
 
 
 #: ``fill_tracking`` knobs of the seed that nothing ever read (partial fills are always
@@ -51,14 +72,8 @@ class FillTracking(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _drop_obsolete(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            found = [k for k in OBSOLETE_FILL_TRACKING if k in data]
-            if found:
-                log.warning("config: ignoring obsolete operational.fill_tracking settings %s (no longer used)",
-                            ", ".join(found))
-                data = {k: v for k, v in data.items() if k not in found}
-        return data
+    def _obsolete(cls, data: Any) -> Any:
+        return _drop_obsolete(data, OBSOLETE_FILL_TRACKING, "fill_tracking")
 
 
 class PositionReconciliation(_Section):

@@ -78,3 +78,16 @@ def test_obsolete_fill_tracking_knobs_are_gone_but_accepted_with_one_warning(cap
     # anything else unknown is still rejected
     with pytest.raises(ValueError, match="track_everything"):
         parse(b'{"operational": {"fill_tracking": {"track_everything": true}}}')
+
+
+def test_idempotency_knobs_that_cannot_be_honoured_are_accepted_and_ignored(caplog):
+    from app.config import Idempotency
+
+    assert set(Idempotency.model_fields) == {"check_window_hours"}
+    with caplog.at_level("WARNING"):
+        cfg = parse(b'{"operational": {"idempotency": {"enabled": false, "dedupe_by": "signal_id", "check_window_hours": 12}}}')
+    assert cfg.operational.idempotency == Idempotency(check_window_hours=12)
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "enabled" in warning.getMessage() and "dedupe_by" in warning.getMessage()
+    with pytest.raises(ValueError, match="window"):
+        parse(b'{"operational": {"idempotency": {"window": 3}}}')
