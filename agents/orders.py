@@ -24,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import faust
+import orjson
 
 from agents.common import (
     BadInput,
@@ -393,21 +394,46 @@ class OrdersAgent:
             return
         assert order is not None
         b.emit(self.command_event(order, cmd, EventType.COMMAND_ACCEPTED, now, None, where))
-        order = order.model_copy(update={"commands": remember(order, cmd.command_id)})
+        pending = {"kind": "modify" if cmd.kind is CommandKind.MODIFY else "cancel", "command_id": cmd.command_id,
+                   "changes": changes.changes() if cmd.kind is CommandKind.MODIFY else {},
+                   "reason": "expired" if cmd.kind is CommandKind.EXPIRE else "cancelled"}
+        order = order.model_copy(update={"commands": remember(order, cmd.command_id),
+                                         "pending_command": orjson.dumps(pending).decode()})
         b.put(self.t.orders, order.order_id, order)
         self.rt.metrics.inc("commands_accepted", command=cmd.kind.value)
-        if cmd.kind is CommandKind.MODIFY:
-            b.later(lambda: self.run_task(order.order_id, self._modify(order, cmd, changes)))
+        b.later(lambda: self.run_pending(order))
+
+    async def run_pending(self, order: Order) -> None:
+        """Ask the broker to carry out the order's accepted command (again, after a crash: a
+        cancel or a modify repeated at the broker changes nothing more)."""
+        if not order.pending_command:
+            return
+        key = f"command-{order.order_id}"
+        task = self.in_flight.get(key)
+        if task is not None and not task.done():
+            return
+        pending = orjson.loads(order.pending_command)
+        if pending["kind"] == "modify":
+            coro = self._modify(order, pending["command_id"], ModifyOrder.model_validate(pending["changes"]))
         else:
-            why = "expired" if cmd.kind is CommandKind.EXPIRE else "cancelled"
-            b.later(lambda: self.run_task(order.order_id, self._cancel(order, cmd, why)))
+            coro = self._cancel(order, pending["command_id"], pending["reason"])
+        self.in_flight[key] = await self.run_task(key, coro)
+
+    def settled(self, order: Order, cmd: OrderCommand) -> Order:
+        """The order without its pending command, once the broker answered it."""
+        if order.pending_command and orjson.loads(order.pending_command).get("command_id") == cmd.command_id:
+            return order.model_copy(update={"pending_command": None})
+        return order
 
     def on_cancel_result(self, cmd: OrderCommand, order: Order, b: Batch, now: datetime) -> None:
         step = on_cancel_result(order, cmd.payload)
+        settled = self.settled(order, cmd)
         if step.event_type is not None:
-            self.transition(order, step.event_type, now, b, reason=step.reason,
+            self.transition(order, step.event_type, now, b, reason=step.reason, pending_command=settled.pending_command,
                             detail={"command_id": cmd.command_id, "retcode": cmd.payload.get("retcode")})
             return
+        if settled is not order:
+            b.put(self.t.orders, order.order_id, settled)
         # Refused or unanswered: the order filled, triggered or expired first, or the broker is
         # away.  The archive says so; unless the order is final already, its status says which
         # (the fills stream brings any fill).
@@ -419,8 +445,10 @@ class OrdersAgent:
     def on_modify_result(self, cmd: OrderCommand, order: Order, b: Batch, now: datetime) -> None:
         applied, reason = on_modify_result(order, cmd.payload)
         changes = cmd.payload.get("changes") or {}
+        order = self.settled(order, cmd)
         if not applied:
             b.emit(self.command_event(order, cmd, EventType.COMMAND_REFUSED, now, reason))
+            b.put(self.t.orders, order.order_id, order)
             return
         updates = order_state.modified_prices(order, changes.get("price"), changes.get("stop_loss"), changes.get("take_profit"))
         modified = order_state.amend(order, now, **updates)
@@ -483,7 +511,7 @@ class OrdersAgent:
         self.answered.pop(order_id, None)
 
     # ------------------------------------------------------------------ broker tasks
-    async def run_task(self, name: str, coro: Any) -> None:
+    async def run_task(self, name: str, coro: Any) -> asyncio.Task:
         """Run a broker call beside the agent (bounded by the in-flight slots)."""
         await self.slots.acquire()
         task = asyncio.create_task(coro, name=name)
@@ -494,6 +522,7 @@ class OrdersAgent:
                 log.error("%s failed: %r", name, t.exception())
 
         task.add_done_callback(_done)
+        return task
 
     async def start_submission(self, order: Order, *, resume: bool) -> None:
         task = self.in_flight.get(order.order_id)
@@ -527,14 +556,14 @@ class OrdersAgent:
         if answer is not None:
             await self._command(answer.kind, order.order_id, answer.payload, answer.attempt)
 
-    async def _cancel(self, order: Order, cmd: OrderCommand, why: str) -> None:
+    async def _cancel(self, order: Order, command_id: str | None, why: str) -> None:
         payload = await self.client.cancel(order)
-        await self._command(CommandKind.CANCEL_RESULT, order.order_id, {**payload, "reason": why}, command_id=cmd.command_id)
+        await self._command(CommandKind.CANCEL_RESULT, order.order_id, {**payload, "reason": why}, command_id=command_id)
 
-    async def _modify(self, order: Order, cmd: OrderCommand, changes: ModifyOrder) -> None:
+    async def _modify(self, order: Order, command_id: str | None, changes: ModifyOrder) -> None:
         payload = await self.client.modify(order, changes)
         await self._command(CommandKind.MODIFY_RESULT, order.order_id, {**payload, "changes": changes.changes()},
-                            command_id=cmd.command_id)
+                            command_id=command_id)
 
     async def _check_stuck(self, order: Order, *, stuck: bool = True) -> None:
         status = await self.client.status(order)
@@ -564,12 +593,19 @@ class OrdersAgent:
             if order is None or order.state.is_final:
                 continue
             mono = time.monotonic()
-            if expired and order.state in (OrderState.SUBMITTED, OrderState.PARTIALLY_FILLED):
+            if expired and not order.pending_command and order.state in (OrderState.SUBMITTED, OrderState.PARTIALLY_FILLED):
                 if mono - self.checked.get(order_id, 0.0) >= sub.stuck_check_interval_seconds:
                     self.checked[order_id] = mono
                     await self._command(CommandKind.EXPIRE, order_id, {}, command_id=f"expire-{order_id[:24]}-{order.version}")
                 continue
             age = now - order.updated_at
+            if (order.pending_command and age > pending_grace
+                    and mono - self.answered.get(order_id, -1e9) > sub.stuck_order_timeout_seconds
+                    and mono - self.checked.get(order_id, 0.0) > pending_grace.total_seconds()):
+                self.checked[order_id] = mono
+                log.info("order %s: its accepted command has no answer after %s: asking the broker again", order_id, age)
+                await self.run_pending(order)
+                continue
             if order.state is OrderState.PENDING:
                 last = self.checked.get(order_id, 0.0)
                 if mono - self.answered.get(order_id, -1e9) < sub.stuck_order_timeout_seconds:

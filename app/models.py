@@ -355,6 +355,9 @@ class Order(Model):
     position_ticket: int | None = None  # the broker position this order opened or closes
     #: Ids of the commands applied to this order, newest last (bounded): a repeat acts once.
     commands: tuple[str, ...] = ()
+    #: An accepted cancel or modify whose broker answer has not been applied yet (JSON:
+    #: kind, command_id, changes, reason): the timer sends it again after a crash.
+    pending_command: str | None = None
     version: int = 0  # number of lifecycle events applied
     created_at: datetime
     updated_at: datetime

@@ -107,6 +107,7 @@ ALLOWED_UPDATES: frozenset[str] = frozenset(
         "submitted_at",
         "position_ticket",
         "commands",
+        "pending_command",
     }
 )
 

@@ -16,14 +16,14 @@ from collections import defaultdict
 import pytest
 
 from app.models import OrderState
-from app.sample import signal_dict
+from app.sample import REFERENCE, signal_dict
 from app.sinks.clickhouse import ClickHouseStore
 from app.sinks.kafka_clickhouse import ClickHouseSink
 from app.topics import SIGNALS_APPROVED
 from pipeline import TEST_CONFIG, Pipeline
 from support import FlakyStore, topic_counts, wait_until
 from tables.fills import to_units
-from tables.idempotency import order_id_for
+from tables.idempotency import close_order_id, order_id_for
 from tables.order_types import MAGIC
 
 pytestmark = pytest.mark.slow
@@ -153,10 +153,89 @@ async def sigkill_chaos(tmp_path, workers: int, n: int, seed: int, prefix: str, 
 
         await asyncio.gather(publisher, killer())
         await check_nothing_lost_or_doubled(p, sink, store, ids)
+        await exits_and_commands_under_chaos(p, rng, names, prefix)
     finally:
         await sink.stop()
         store.close()
         p.stop()
+
+
+async def exits_and_commands_under_chaos(p: Pipeline, rng: random.Random, names: list[str], prefix: str) -> None:
+    """The second act, while a worker is SIGKILLed twice: far limit orders are placed and
+    cancelled, the market runs through the stops and targets of two symbols (the broker closes
+    those positions), and every remaining position is closed by command.  Afterwards: every
+    limit order CANCELLED (at the broker too), every close order FILLED, one close order per
+    command, and everything flat: ours = the broker's = the sum of the executions, exits
+    included; realized PnL = the broker's deal profit."""
+    limits = []
+    for i in range(20):
+        s = signal_dict(f"{prefix}-limit-{i}", rng, order_type="limit", side="buy", lots=0.1, account="acc-1")
+        price = round(s["entry_price"] * 0.98, 5 if s["symbol"] not in ("USDJPY", "EURJPY", "XAUUSD") else 3)
+        s.update(entry_price=price, limit_price=price, stop_loss=round(price * 0.99, 5), take_profit=round(price * 1.01, 5))
+        s.pop("trigger_price", None)
+        limits.append(s)
+    await p.publish_signals(limits)
+    limit_ids = [order_id_for(s["signal_id"], PARTITIONS) for s in limits]
+    await p.wait_orders(limit_ids, lambda o: o.state is OrderState.SUBMITTED, timeout=120)
+
+    async def kill_twice() -> None:
+        for _ in range(2):
+            await asyncio.sleep(rng.uniform(0.2, 1.5))
+            await asyncio.to_thread(p.services.restart, rng.choice(names), True)
+
+    async def cancels() -> None:
+        for i in limit_ids:
+            await p.send_command("cancel", i, command_id=f"chaos-cancel-{i[:20]}")
+
+    async def run_through_stops() -> None:
+        for symbol in ("EURUSD", "GBPUSD"):
+            mid = REFERENCE[symbol][0]
+            await p.sim(cmd="set_price", symbol=symbol, mid=round(mid * 1.01, 5), hold=True)  # 100+ pips up
+
+    await asyncio.gather(kill_twice(), cancels(), run_through_stops())
+    orders = await p.wait_orders(limit_ids, timeout=240)
+    assert {orders[i].state for i in limit_ids} == {OrderState.CANCELLED}
+
+    # Close whatever the broker still holds for us, a command per position (sent twice).
+    held = await p.broker_positions(MAGIC)
+    closes = []
+    kill = asyncio.create_task(kill_twice())
+    for key in held:
+        account, symbol = key.split(":")
+        cid = f"chaos-close-{account}-{symbol}"
+        for _ in range(2):
+            await p.send_command("close_position", key, {"account": account, "symbol": symbol}, command_id=cid)
+        closes.append(close_order_id(cid, key, PARTITIONS))
+    await kill
+    closed = await p.wait_orders(closes, timeout=240)
+    assert {closed[c].state for c in closes} <= {OrderState.FILLED, OrderState.REJECTED}
+    events = await p.events()
+    assert all(sum(1 for e in events[c] if e.type.value == "created") == 1 for c in closes)
+
+    async def flat() -> bool:
+        return not await p.broker_positions(MAGIC)
+
+    await wait_until(flat, timeout=120, what="the broker flat for our magic")
+    deals = [d for d in await p.broker_deals() if d.magic == MAGIC]
+    assert {"sl", "tp"} & {d.reason for d in deals}, "the market ran through stops or targets"
+
+    async def ours_flat() -> bool:
+        return all(to_units(v.net_volume) == 0 for v in (await p.positions()).values())
+
+    await wait_until(ours_flat, timeout=120, what="our positions flat")
+    executions = [e for es in (await p.executions(timeout=120)).values() for e in es]
+    assert sorted({e.deal for e in executions}) == sorted(d.deal for d in deals)
+    net: dict[str, int] = defaultdict(int)
+    profit: dict[str, float] = defaultdict(float)
+    for d in deals:
+        net[f"{d.account}:{d.symbol}"] += to_units(d.volume) * d.side.sign
+        profit[f"{d.account}:{d.symbol}"] += d.profit
+    assert set(net.values()) == {0}
+    for key, position in (await p.positions()).items():
+        assert position.realized_pnl == pytest.approx(profit[key], abs=0.01), key
+    stats = await p.sim_stats()
+    print(f"chaos exits: {len(deals)} deals, reasons {sorted({d.reason for d in deals})}, "
+          f"{len(closes)} closes, cancel requests {stats['other'].get('cancel_requests')}")
 
 
 @pytest.mark.timeout(600)

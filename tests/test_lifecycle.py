@@ -312,3 +312,57 @@ async def test_cancel_racing_a_fill_ends_consistent(pipe: Pipeline):
         status = await pipe._request("mt5.orders.status", {"magic": MAGIC, "comment": i, "account": "race-a"})
         assert status["volume_filled"] == pytest.approx(o.filled_volume)
     await pipe.sim(cmd="release")
+
+
+async def test_modify_racing_a_trigger_ends_consistent(pipe: Pipeline):
+    """A stop order's trigger moved while the market runs through it: either the modify lands
+    first (the order works at the new trigger) or the trigger does (the order fills and the
+    modify is refused, or applies to the position's SL/TP only); the archive says which, and
+    the order, its executions and the broker agree."""
+    rng = random.Random(19)
+    symbol = "AUDUSD"
+    mid, digits = REFERENCE[symbol]
+    ids = []
+    for n in range(4):
+        await pipe.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+        s = signal_dict(f"mrace-{n}", rng, symbol=symbol, order_type="stop", side="buy", lots=0.1, account="mrace-a")
+        trigger = round(mid + 4 * pip(symbol), digits)
+        s.update(entry_price=trigger, trigger_price=trigger, stop_loss=round(trigger - 30 * pip(symbol), digits),
+                 take_profit=round(trigger + 30 * pip(symbol), digits))
+        await pipe.publish_signals([s])
+        i = oid(f"mrace-{n}")
+        ids.append(i)
+        await pipe.wait_orders([i], lambda o: o.state is OrderState.SUBMITTED)
+        through = pipe.sim(cmd="set_price", symbol=symbol, mid=round(mid + 8 * pip(symbol), digits), hold=True)
+        modify = pipe.send_command("modify", i, {"price": round(mid + 20 * pip(symbol), digits)}, command_id=f"mrace-{n}")
+        await asyncio.gather(*((through, modify) if n % 2 else (modify, through)))
+    await pipe.sim(cmd="set_price", symbol=symbol, mid=mid, hold=True)
+
+    def answered(events, i):
+        return any(e.type in (EventType.MODIFIED, EventType.COMMAND_REFUSED) for e in events.get(i, ()))
+
+    events = await until("every modify answered", lambda: _all_answered(pipe, ids, answered))
+    orders = await pipe.wait_orders(ids, lambda o: o.state in (OrderState.SUBMITTED, OrderState.FILLED))
+    executions = await pipe.executions()
+    for i in ids:
+        o = orders[i]
+        status = await pipe._request("mt5.orders.status", {"magic": MAGIC, "comment": i, "account": "mrace-a"})
+        filled = sum(to_units(e.volume) for e in executions.get(i, ()) if e.reason == "expert")
+        assert to_units(o.filled_volume) == filled == to_units(status["volume_filled"]), i
+        modified = [e for e in events[i] if e.type is EventType.MODIFIED]
+        if o.state is OrderState.SUBMITTED:  # the modify won: the order works at its new trigger
+            assert modified and o.trigger_price == round(mid + 20 * pip(symbol), digits)
+            assert status["state"] == "placed"
+        else:  # the trigger won: the order filled at the old trigger; the price change was refused
+            assert not [e for e in modified if "price" in e.detail]
+            assert any(e.type is EventType.COMMAND_REFUSED for e in events[i])
+    for i in ids:
+        if orders[i].state is OrderState.SUBMITTED:
+            await pipe.send_command("cancel", i)
+    await pipe.wait_orders([i for i in ids if orders[i].state is OrderState.SUBMITTED])
+    await pipe.sim(cmd="release")
+
+
+async def _all_answered(pipe: Pipeline, ids, answered):
+    events = await pipe.events()
+    return events if all(answered(events, i) for i in ids) else None

@@ -179,6 +179,7 @@ ORDERS = Table(
         Column("expires_at", f"Nullable({DT})", "when a DAY or GTD order stops working"),
         Column("position_ticket", "Nullable(Int64)", "the broker position this order opened or closes"),
         Column("commands", "Array(String)", "ids of the commands applied (cancel, modify, ...), newest last"),
+        Column("pending_command", "Nullable(String)", "an accepted cancel or modify awaiting the broker (JSON)"),
         Column("version", "UInt64", "lifecycle events applied: the ReplacingMergeTree version"),
         Column("created_at", DT),
         Column("updated_at", DT),
