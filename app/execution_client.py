@@ -91,6 +91,14 @@ class ExecutionClient:
         spec = self.rt.symbols[order.symbol]
         cap = cfg.order_defaults.max_slippage_pips
         fields = trade_request_fields(order, spec, cap, MAGIC)
+        if order.intent is OrderIntent.CLOSE:
+            ticket = await self.position_ticket(order)
+            if ticket is None:
+                return None  # the connector did not answer: asked again later
+            if not ticket:
+                return Answer(CommandKind.SUBMIT_RESULT, {"refused": "the position is already closed at the broker"},
+                              order.attempts)
+            fields["position"] = ticket
         requotes = retries = 0
         attempt = order.attempts
         while True:
@@ -122,6 +130,21 @@ class ExecutionClient:
                     fields["price"], fields["deviation"] = step
                     continue
             return Answer(CommandKind.SUBMIT_RESULT, payload, attempt)
+
+    async def position_ticket(self, order: Order) -> int | None:
+        """The ticket of the broker's position a close order reduces (0: there is none on the
+        other side of the order; None: the connector does not answer).  Asked at submission:
+        the ticket our table last saw may be an older position's (a reversal's deals can reach
+        the table in either order)."""
+        client = await self.rt.mt5()
+        try:
+            snap = await client.positions(order.account, MAGIC)
+        except NoReply:
+            return None
+        for p in snap.positions:
+            if p.symbol == order.symbol and p.magic == MAGIC and p.net_volume * order.side.sign < 0:
+                return p.ticket
+        return 0
 
     async def grows_position(self, order: Order) -> str | None:
         """The reason ``order`` would grow the broker's position ("" when it only reduces

@@ -215,7 +215,17 @@ async def exits_and_commands_under_chaos(p: Pipeline, rng: random.Random, names:
     async def flat() -> bool:
         return not await p.broker_positions(MAGIC)
 
-    await wait_until(flat, timeout=120, what="the broker flat for our magic")
+    try:
+        await wait_until(flat, timeout=120, what="the broker flat for our magic")
+    except TimeoutError:
+        left = await p.broker_positions(MAGIC)
+        ours = await p.positions()
+        print("broker before closes:", {k: (v.net_volume, v.ticket) for k, v in held.items()})
+        print("broker now:", {k: (v.net_volume, v.ticket) for k, v in left.items()})
+        print("ours now:", {k: (v.net_volume, v.ticket) for k, v in ours.items() if k in left})
+        print("closes:", [(c, closed[c].state.value, closed[c].reason, closed[c].volume, closed[c].position_ticket)
+                          for c in closes])
+        raise
     deals = [d for d in await p.broker_deals() if d.magic == MAGIC]
     assert {"sl", "tp"} & {d.reason for d in deals}, "the market ran through stops or targets"
 
