@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections import defaultdict
 from datetime import timedelta
 
@@ -15,6 +14,7 @@ import pytest
 from app.models import EventType, OrderIntent, OrderState, utcnow
 from app.sample import REFERENCE, signal_dict
 from pipeline import TEST_CONFIG, Pipeline
+from support import wait_until
 from tables.fills import to_units
 from tables.idempotency import close_order_id, order_id_for
 from tables.order_types import MAGIC
@@ -41,20 +41,6 @@ def oid(signal_id: str) -> str:
 
 def pip(symbol: str) -> float:
     return DEFAULT_SYMBOLS[symbol].pip_size
-
-
-async def until(what: str, check, timeout: float = 60, every: float = 0.3):
-    """Poll ``check()`` (sync or async) until it returns a truthy value; return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout}s")
-        await asyncio.sleep(every)
 
 
 async def test_every_position_closed_by_sl_tp_a_close_or_a_stop_out(pipe: Pipeline):
@@ -91,7 +77,7 @@ async def test_every_position_closed_by_sl_tp_a_close_or_a_stop_out(pipe: Pipeli
     closes = []
     for account, symbol in (("lc-a", "USDJPY"), ("lc-b", "USDJPY"), ("lc-a", "AUDUSD")):
         key = f"{account}:{symbol}"
-        await until(f"position {key}", lambda k=key: _net(pipe, k, 0.2))
+        await wait_until(lambda k=key: _net(pipe, k, 0.2), timeout=60, what=f"position {key}")
         for volume in (0.1, None):
             cid = await pipe.send_command("close_position", key, {"account": account, "symbol": symbol, "volume": volume})
             closes.append(close_order_id(cid, key, PARTITIONS))
@@ -99,9 +85,9 @@ async def test_every_position_closed_by_sl_tp_a_close_or_a_stop_out(pipe: Pipeli
     # A stop-out: lc-b's balance is gone; the broker closes what is left (its AUDUSD).
     await pipe.sim(cmd="set_balance", account="lc-b", balance=-1_000_000)
 
-    await until("the broker flat for our magic", lambda: _broker_flat(pipe), timeout=60)
+    await wait_until(lambda: _broker_flat(pipe), timeout=60, what="the broker flat for our magic")
     deals = [d for d in await pipe.broker_deals() if d.magic == MAGIC and d.account in accounts]
-    positions = await until("our positions flat", lambda: _positions_flat(pipe, accounts), timeout=60)
+    positions = await wait_until(lambda: _positions_flat(pipe, accounts), timeout=60, what="our positions flat")
 
     closed = await pipe.wait_orders(closes)
     assert all(closed[c].state is OrderState.FILLED and closed[c].intent is OrderIntent.CLOSE for c in closes)
@@ -185,7 +171,7 @@ async def test_cancel_modify_and_repeated_commands(pipe: Pipeline):
     def kinds(order_id):
         return [(e.type, e.detail.get("command_id")) for e in events[order_id] if "command" in e.type.value or e.type is EventType.MODIFIED]
 
-    events = await until("command records", lambda: _events_with(pipe, m, EventType.MODIFIED))
+    events = await wait_until(lambda: _events_with(pipe, m, EventType.MODIFIED), timeout=60, what="command records")
     assert kinds(i).count((EventType.COMMAND_ACCEPTED, "m-1")) == 1
     assert (EventType.DUPLICATE_COMMAND, "m-1") in kinds(i) and (EventType.DUPLICATE_COMMAND, "c-1") in kinds(i)
     assert kinds(i).count((EventType.MODIFIED, "m-1")) == 1
@@ -341,7 +327,7 @@ async def test_modify_racing_a_trigger_ends_consistent(pipe: Pipeline):
     def answered(events, i):
         return any(e.type in (EventType.MODIFIED, EventType.COMMAND_REFUSED) for e in events.get(i, ()))
 
-    events = await until("every modify answered", lambda: _all_answered(pipe, ids, answered))
+    events = await wait_until(lambda: _all_answered(pipe, ids, answered), timeout=60, what="every modify answered")
     orders = await pipe.wait_orders(ids, lambda o: o.state in (OrderState.SUBMITTED, OrderState.FILLED))
     executions = await pipe.executions()
     for i in ids:
