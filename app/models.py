@@ -431,6 +431,9 @@ class Position(Model):
     fills: int = 0
     last_deal: int | None = None
     deals: tuple[int, ...] = ()  # recent deal tickets applied (bounded): dedupe on replay
+    #: Deals whose volume a reconciliation correction took from the broker before they reached
+    #: us: when one arrives only its profit is added (its volume is in net_volume already).
+    corrected_deals: tuple[int, ...] = ()
     version: int = 0
     updated_at: datetime
 

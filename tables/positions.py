@@ -143,6 +143,8 @@ def apply_to_position(
         )
     if fill.deal in position.deals:
         return PositionResult(position, is_duplicate=True)
+    if fill.deal in position.corrected_deals:
+        return _arrived_after_correction(position, fill, now, max_deals)
     if not (math.isfinite(fill.price) and fill.price > 0):
         raise ValueError(f"deal {fill.deal}: price must be positive, got {fill.price}")
     qty = to_units(fill.volume)
@@ -229,6 +231,25 @@ def unrealized_pnl(position: Position | None, mark_price: float, symbols: Symbol
     return unrealized_pnl_price(position, mark_price) * symbols[position.symbol].contract_size
 
 
+def _arrived_after_correction(position: Position, fill: FillLike, now: datetime, max_deals: int) -> PositionResult:
+    """A deal a correction already counted: its volume is in the position, its profit not."""
+    profit = getattr(fill, "profit", 0.0)
+    if not math.isfinite(profit):
+        raise ValueError(f"deal {fill.deal}: profit must be finite, got {profit}")
+    updated = position.model_copy(update={
+        "realized_pnl": round(position.realized_pnl + profit, PNL_DECIMALS),
+        "currency": getattr(fill, "currency", position.currency) if position.realized_pnl == 0 else position.currency,
+        "corrected_deals": tuple(d for d in position.corrected_deals if d != fill.deal),
+        "deals": (*position.deals, fill.deal)[-max_deals:],
+        "fills": position.fills + 1,
+        "last_deal": fill.deal,
+        "ticket": getattr(fill, "position", None) or position.ticket,
+        "version": position.version + 1,
+        "updated_at": now,
+    })
+    return PositionResult(updated, realized_pnl=profit)
+
+
 def correct_position(
     position: Position | None,
     broker_net_volume: float,
@@ -243,16 +264,15 @@ def correct_position(
 ) -> Position:
     """The position set to the broker's net volume and average price (a correction).
 
-    ``broker_deals`` are the tickets of the deals the broker's position is made of: they are
-    added to ``Position.deals`` (those not there yet, in their order; bounded by
-    ``max_deals``), so a deal still on its way to us is a duplicate when it arrives instead
-    of being added on top of the broker's volume.  ``broker_ticket``, when given, becomes
-    the position's ticket.
+    ``broker_deals`` are the tickets of the deals the broker's position is made of: those we
+    have not applied go to ``Position.corrected_deals`` (in their order; bounded by
+    ``max_deals``), so a deal still on its way to us adds only its profit when it arrives,
+    not its volume on top of the broker's.  ``broker_ticket``, when given, becomes the
+    position's ticket.
 
     Realized PnL and the fill count are kept: the broker's snapshot says nothing about
-    them, and the unexplained difference is not invented as PnL.  (The profit of a deal the
-    correction covered is therefore not counted when the deal arrives.)  For a position we
-    do not hold (``position`` None) pass ``account`` and ``symbol``.
+    them, and the unexplained difference is not invented as PnL.  For a position we do not
+    hold (``position`` None) pass ``account`` and ``symbol``.
     """
     if position is None:
         if not account or not symbol:
@@ -267,20 +287,20 @@ def correct_position(
         raise ValueError(f"a non-flat broker position needs a positive average price, got {broker_avg_price}")
     if max_deals < 1:
         raise ValueError("max_deals must be at least 1")
-    deals = list(position.deals)
-    known = set(deals)
+    corrected = list(position.corrected_deals)
+    known = set(position.deals) | set(corrected)
     for d in broker_deals:
         d = int(d)
         if d <= 0:
             raise ValueError(f"broker deal tickets are positive, got {d}")
         if d not in known:
             known.add(d)
-            deals.append(d)
+            corrected.append(d)
     return position.model_copy(
         update={
             "net_volume": to_lots(net),
             "avg_open_price": broker_avg_price if net != 0 else None,
-            "deals": tuple(deals[-max_deals:]),
+            "corrected_deals": tuple(corrected[-max_deals:]),
             "ticket": broker_ticket or position.ticket,
             "version": position.version + 1,
             "updated_at": now,

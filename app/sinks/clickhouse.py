@@ -242,6 +242,7 @@ POSITIONS = Table(
         Column("fills", "Int64"),
         Column("last_deal", "Nullable(Int64)"),
         Column("deals", "Array(Int64)", "recent deal tickets applied (bounded)"),
+        Column("corrected_deals", "Array(Int64)", "deals a correction counted before they arrived (profit pending)"),
         Column("version", "UInt64", "the ReplacingMergeTree version"),
         Column("updated_at", DT),
     ),

@@ -228,26 +228,29 @@ def test_a_deal_in_flight_during_a_correction_counts_once():
     """The defect: a deal in flight for more than the confirm delay looks MISSING_OURS; the
     correction set the broker's volume without its deal tickets, and the late execution was
     then added on top (1.0 lot held as 2.0).  The correction now carries the broker's deal
-    tickets, so the late deal is a duplicate."""
+    tickets: the late deal adds its profit, not its volume, and a replay of it is a duplicate."""
     p = run([pf(1, Side.BUY, 1.1000, 0.5), pf(2, Side.SELL, 1.1010, 0.5)])  # flat, deals 1, 2
     later = NOW + timedelta(minutes=5)
     # the broker holds 1.0 long from deal 3, which has not reached us yet
     c = correct_position(p, 1.0, 1.1020, later, broker_deals=[3])
-    assert c.net_volume == 1.0 and c.deals == (1, 2, 3)
-    r = apply_to_position(c, pf(3, Side.BUY, 1.1020, 1.0), DEFAULT_SYMBOLS, later)
-    assert r.is_duplicate and r.position.net_volume == 1.0
+    assert c.net_volume == 1.0 and c.deals == (1, 2) and c.corrected_deals == (3,)
+    r = apply_to_position(c, pf(3, Side.BUY, 1.1020, 1.0, profit=12.5), DEFAULT_SYMBOLS, later)
+    assert not r.is_duplicate and r.position.net_volume == 1.0
+    assert r.position.deals == (1, 2, 3) and r.position.corrected_deals == ()
+    assert r.position.realized_pnl == pytest.approx(p.realized_pnl + 12.5)
+    assert apply_to_position(r.position, pf(3, Side.BUY, 1.1020, 1.0, profit=12.5), DEFAULT_SYMBOLS, later).is_duplicate
     # and a position we did not hold at all (MISSING_OURS on a new key)
     new = correct_position(None, -0.3, 1.27, later, account="acc-1", symbol="GBPUSD", broker_deals=[7, 8])
     r = apply_to_position(new, pf(8, Side.SELL, 1.27, 0.2, symbol="GBPUSD"), DEFAULT_SYMBOLS, later)
-    assert r.is_duplicate and r.position.net_volume == -0.3
+    assert r.position.net_volume == -0.3 and r.position.corrected_deals == (7,)
 
 
 def test_correction_adds_only_new_broker_deals_in_order_and_bounded():
     p = run([pf(1, Side.BUY, 1.1, 0.1), pf(2, Side.BUY, 1.1, 0.1)])
     c = correct_position(p, 0.4, 1.1, NOW, broker_deals=[1, 2, 5, 4, 5], broker_ticket=901)
-    assert c.deals == (1, 2, 5, 4) and c.ticket == 901 and c.fills == p.fills
+    assert c.deals == (1, 2) and c.corrected_deals == (5, 4) and c.ticket == 901 and c.fills == p.fills
     c = correct_position(p, 0.4, 1.1, NOW, broker_deals=range(100, 110), max_deals=5)
-    assert c.deals == (105, 106, 107, 108, 109)
+    assert c.corrected_deals == (105, 106, 107, 108, 109)
     assert correct_position(p, 0.0, None, NOW).ticket is None  # no ticket given: kept
     with pytest.raises(ValueError, match="positive"):
         correct_position(p, 0.4, 1.1, NOW, broker_deals=[0])

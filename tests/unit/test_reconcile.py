@@ -198,7 +198,7 @@ def test_as_broker_position():
 def test_a_deal_in_flight_when_the_correction_is_made_counts_once():
     """End to end in the pure functions: deal 42 is at the broker but not with us when the
     reconciliation runs; the correction takes the broker's volume and deals; deal 42 then
-    arrives and is a duplicate.  Reconciling again finds nothing."""
+    arrives and adds its profit, not its volume.  Reconciling again finds nothing."""
     ours = table(pos("a", "EURUSD", 0.0, None))
     broker = [BrokerPosition("a", "EURUSD", 1.0, 1.1, MAGIC, 42, (42,))]
     [d] = compare(ours, broker, everything, now=AT, magic=MAGIC)
@@ -206,5 +206,5 @@ def test_a_deal_in_flight_when_the_correction_is_made_counts_once():
                              account=d.account, symbol=d.symbol, broker_deals=d.broker_deals, broker_ticket=d.broker_ticket)
     late = PositionFill("a", "EURUSD", Side.BUY, 1.1, 1.0, 42, AT, position=42)
     r = apply_to_position(fixed, late, DEFAULT_SYMBOLS, AT)
-    assert r.is_duplicate and r.position.net_volume == 1.0 and r.position.ticket == 42
+    assert r.position.net_volume == 1.0 and r.position.ticket == 42 and r.position.corrected_deals == ()
     assert compare({fixed.key: r.position}, broker, everything, magic=MAGIC) == []
