@@ -152,6 +152,9 @@ async def orders(pipe: Pipeline) -> dict[str, str]:
     """A FILLED market buy (and so a long position of ACCOUNT in EURUSD), and far-away
     limit orders working at the broker: name -> order id."""
     rng = random.Random(11)
+    # The market orders are priced off the reference: hold it there, or a walk past the
+    # slippage cap (3 pips) rejects them.
+    await pipe.hold_reference_prices()
     # One position per test that closes some (ACCOUNT for HTTP), so a close that takes
     # effect cannot change what another test sees.
     markets = {f"market-{a}": signal_dict(f"cmd-market-{a}", rng, symbol="EURUSD", order_type="market", side="buy",
