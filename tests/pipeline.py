@@ -47,9 +47,12 @@ def keep_latest(latest: dict[str, Any], records: list, model: Any, key: Callable
 
 
 class Pipeline:
-    def __init__(self, workdir: Path, partitions: int = 4, config: dict | None = None) -> None:
+    def __init__(self, workdir: Path, partitions: int = 4, config: dict | None = None,
+                 broker: str | None = None) -> None:
+        """``broker``: ``tansu`` or ``kafka`` (Apache Kafka, the production profile); None is
+        :class:`LocalStack`'s default (Tansu unless ``EXECUTION_LOCAL_BROKER`` says otherwise)."""
         self.workdir = workdir
-        self.stack = LocalStack(workdir=workdir / "stack")
+        self.stack = LocalStack(workdir=workdir / "stack", **({"broker": broker} if broker else {}))
         self.partitions = partitions
         self.config = config if config is not None else TEST_CONFIG
         self.services: Services | None = None
@@ -61,7 +64,7 @@ class Pipeline:
         self.services.supervise()
         self.settings = Settings(
             kafka_bootstrap=self.stack.kafka_url, nats_url=self.stack.nats_url,
-            data_dir=self.workdir / "data", topic_partitions=self.partitions,
+            data_dir=self.workdir / "data", topic_partitions=self.partitions, profile=self.stack.profile,
         )
         await ensure_topics(self.settings)
         await self.set_config(self.config)
