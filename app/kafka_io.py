@@ -68,11 +68,14 @@ async def end_offsets(
 async def _partitions(consumer: AIOKafkaConsumer, topic: str, wait: float) -> list[TopicPartition]:
     partitions = consumer.partitions_for_topic(topic)
     deadline = time.monotonic() + wait
-    while not partitions and time.monotonic() < deadline:
+    while not partitions:
+        # Asked at least once: Tansu's metadata lists every topic unasked, Apache Kafka's
+        # only the topics a client asked about.
         await consumer._client.force_metadata_update()
         partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await asyncio.sleep(0.2)
+        if partitions or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.2)
     return [TopicPartition(topic, p) for p in sorted(partitions or ())]
 
 

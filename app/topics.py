@@ -81,6 +81,14 @@ class PartitionCountMismatch(SystemExit):
         return str(self.code)
 
 
+#: The Faust tables (``tables/definitions.py``): their changelogs are created here too.
+TABLES = ("signal_orders", "orders", "open_orders", "positions")
+
+
+def changelog(table: str, settings: Settings) -> str:
+    return f"{settings.app_id}-{table}-changelog"
+
+
 def is_changelog(name: str, settings: Settings) -> bool:
     """A Faust table's changelog topic (``<app_id>-<table>-changelog``): co-partitioned with
     the table's source topics."""
@@ -119,6 +127,11 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None, atte
     co-partitioned (all of :data:`TOPICS`; with ``names`` None, the tables' changelogs too)
     has another partition count than ``settings.topic_partitions``."""
     specs = [t for t in TOPICS if names is None or t.name in names]
+    if names is None:
+        # The tables' changelogs too, before any worker starts: Faust would create them itself,
+        # but Apache Kafka can leave a topic created that way out of the group's metadata for
+        # a moment, and the worker then joins without its partitions (PartitionsMismatch).
+        specs += [TopicSpec(changelog(t, settings), compacted=True) for t in TABLES]
     wanted = [
         NewTopic(
             name=t.name,

@@ -197,17 +197,9 @@ async def test_signals_to_filled_orders_on_kafka_in_the_production_profile(tmp_p
         ids = [order_id_for(s["signal_id"], partitions) for s in signals]
         published = time.monotonic()
         await pipe.publish_signals(signals)
-        # Not pipe.wait_orders: its TopicTail (app/kafka_io.py) looks the topic up in the
-        # metadata a new consumer has without asking for it, which Tansu fills with every
-        # topic and Apache Kafka with none (an empty topic list means "none" there), so it
-        # would never see orders.status.  read_topic asks for the metadata: it works on both.
-        deadline = time.monotonic() + 120
-        while True:
-            orders = await pipe.orders()
-            if all(i in orders and orders[i].state.is_final for i in ids):
-                break
-            assert time.monotonic() < deadline, {i: orders[i].state.value if i in orders else None for i in ids}
-            await asyncio.sleep(0.5)
+        # pipe.wait_orders tails orders.status with app/kafka_io.TopicTail, which asks the
+        # broker for the topic's metadata (Apache Kafka lists only topics asked about).
+        orders = await pipe.wait_orders(ids, timeout=120)
         print(f"20 signals -> final orders in {time.monotonic() - published:.1f}s")
         assert {i: orders[i].state for i in ids} == {i: OrderState.FILLED for i in ids}
         stats = await pipe.sim_stats()

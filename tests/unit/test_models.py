@@ -104,3 +104,13 @@ def test_valid_samples_all_parse():
     for i in range(300):
         for ot in (None, "limit", "stop", "stop_limit"):
             from_json(ApprovedSignal, orjson.dumps(signal_dict(f"s{i}", rng, order_type=ot)))
+
+
+def test_the_changelogs_ensure_topics_creates_are_the_tables_changelogs():
+    import faust
+
+    from app.topics import TABLES
+    from tables.definitions import define_tables
+
+    app = faust.App("changelog-names", broker="memory://", store="memory://")
+    assert tuple(t.name for t in vars(define_tables(app)).values()) == TABLES
