@@ -39,9 +39,8 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
-import faust
 from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
@@ -59,10 +58,24 @@ __all__ = ["install"]
 log = logging.getLogger(__name__)
 
 
+#: The versions these changes were written and tested against (pinned in pyproject.toml).
+PINNED = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0", "mode-streaming": "0.7.1"}
+
+
+def check_versions(installed: Callable[[str], str] | None = None) -> None:
+    """Refuse to patch other versions of Faust, aiokafka or mode than the pinned ones: the
+    patched internals change between releases."""
+    from importlib.metadata import version
+
+    installed = installed or version
+    wrong = {name: installed(name) for name in PINNED if installed(name) != PINNED[name]}
+    if wrong:
+        raise RuntimeError(f"app.faust_patches is written against {PINNED}, not {wrong}: review it, then the pins")
+
+
 def install(settings: Settings) -> None:
     """Apply every change below; the two broker-dependent ones follow ``settings``."""
-    if not faust.__version__.startswith("0.15."):
-        raise RuntimeError(f"app.faust_patches is written against Faust 0.15, not {faust.__version__}: review it")
+    check_versions()
     Recovery._resume_streams = _resume_streams  # type: ignore[method-assign]
     Recovery.on_recovery_completed = _on_recovery_completed  # type: ignore[method-assign]
     _install_lanes()

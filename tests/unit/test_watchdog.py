@@ -111,3 +111,18 @@ async def test_the_watchdog_exits_with_the_restart_code_on_a_stall_and_reports_t
     assert exits == [watchdog.EXIT_STALLED]
     assert "signals.approved[0]': (99, 500)" in caplog.text and "fills" not in caplog.text.split("consumer state")[0]
     assert "consumer state: {'signals.approved[0]': {'faust': ['active']" in caplog.text
+
+
+def test_faust_patches_refuse_other_versions_than_the_pinned_ones():
+    import tomllib
+    from pathlib import Path
+
+    import pytest
+
+    from app.faust_patches import PINNED, check_versions
+
+    check_versions()  # the installed ones are the pinned ones
+    deps = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert {f"{name}=={v}" for name, v in PINNED.items()} <= set(deps), "pinned in pyproject.toml, exactly"
+    with pytest.raises(RuntimeError, match="aiokafka"):
+        check_versions(lambda name: "0.13.0" if name == "aiokafka" else PINNED[name])
