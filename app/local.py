@@ -283,7 +283,8 @@ class KafkaServer(Server):
 
     def properties(self) -> dict[str, str]:
         """The node's ``server.properties``: one combined node, internal topics at replication
-        factor 1, no initial rebalance delay, no auto-created topics (as deployed)."""
+        factor 1, no initial rebalance delay, short sessions allowed, no auto-created topics (as
+        deployed)."""
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -300,6 +301,9 @@ class KafkaServer(Server):
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
+            # Tests give consumers sessions of 1-2 s so a killed member's partitions move in
+            # seconds; Kafka's default floor is 6 s (deployed brokers keep it).
+            "group.min.session.timeout.ms": "1000",
             "auto.create.topics.enable": "false",
             "num.network.threads": "2",
             "num.io.threads": "4",

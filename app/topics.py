@@ -120,6 +120,10 @@ TOPICS: tuple[TopicSpec, ...] = (
 )
 
 
+class TopicsNotServed(Exception):
+    """Topics created but not in the broker's metadata yet."""
+
+
 async def ensure_topics(settings: Settings, names: list[str] | None = None, attempts: int = 30) -> None:
     """Create the service's topics if absent (idempotent; retried while the broker starts).
 
@@ -158,10 +162,14 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None, atte
                 except TopicAlreadyExistsError:
                     pass  # a concurrent creator won
                 log.info("created topics %s", [t.name for t in missing])
-            return
-        except TopicAlreadyExistsError:
-            return
-        except Exception as exc:  # broker not up yet
+                existing = await partition_counts(admin)
+            # Apache Kafka answers CreateTopics before every broker's metadata lists the new
+            # topics: return only once they are all served, so callers never see them absent.
+            unserved = [t.name for t in wanted if existing.get(t.name) is None]
+            if not unserved:
+                return
+            raise TopicsNotServed(unserved)
+        except Exception as exc:  # (PartitionCountMismatch is a SystemExit) broker not up yet, or new topics not in its metadata yet
             if attempt == attempts - 1:
                 raise
             log.debug("ensure_topics: %s; retrying", exc)

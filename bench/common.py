@@ -4,17 +4,29 @@ figures move with it)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import os
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from app.local import tansu_binary
+from app.local import BROKERS, LOCAL_BROKER_ENV, kafka_version, tansu_binary
 
 
-def broker_line(settings: Any) -> str:
-    return (f"broker: Tansu ({Path(tansu_binary()).name}, {settings.profile.value} profile); "
+def add_broker_arg(ap: argparse.ArgumentParser) -> None:
+    """``--broker tansu|kafka``: the local stack's broker (default ``EXECUTION_LOCAL_BROKER``,
+    else Tansu); Apache Kafka runs in the production profile."""
+    ap.add_argument("--broker", choices=BROKERS, default=os.environ.get(LOCAL_BROKER_ENV) or "tansu",
+                    help="tansu: the embedded broker; kafka: Apache Kafka (KRaft) from Maven Central jars")
+
+
+def broker_name(broker: str) -> str:
+    return f"Apache Kafka {kafka_version()}" if broker == "kafka" else f"Tansu {Path(tansu_binary()).name}"
+
+
+def broker_line(settings: Any, broker: str) -> str:
+    return (f"broker: {broker_name(broker)} ({settings.profile.value} profile); "
             f"producer_max_batch_size={settings.effective('producer_max_batch_size')}; "
             f"producer_linger_ms={settings.effective('producer_linger_ms')}; "
             f"broker_end_offsets_check={settings.effective('broker_end_offsets_check')}")

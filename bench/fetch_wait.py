@@ -30,7 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from app.local import LocalStack
 from app.settings import Settings
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
-from bench.common import broker_line, percentile, run_main  # noqa: E402
+from bench.common import add_broker_arg, broker_line, percentile, run_main  # noqa: E402
 
 
 async def hop(settings: Settings, topic: str, partitions: int, wait_ms: int, n: int, rate: float) -> list[float]:
@@ -72,19 +72,21 @@ async def main(argv: list[str] | None = None) -> dict[int, list[float]]:
     ap.add_argument("--messages", type=int, default=60)
     ap.add_argument("--rate", type=float, default=20.0)
     ap.add_argument("--partitions", type=int, default=4)
+    add_broker_arg(ap)
     args = ap.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-fetch-wait-"))
-    stack = LocalStack(workdir=workdir).start()
+    stack = LocalStack(workdir=workdir, broker=args.broker).start()
     out: dict[int, list[float]] = {}
     try:
-        s = Settings(kafka_bootstrap=stack.kafka_url, nats_url=stack.nats_url, topic_partitions=args.partitions)
+        s = Settings(kafka_bootstrap=stack.kafka_url, nats_url=stack.nats_url, topic_partitions=args.partitions,
+                     profile=stack.profile)
         admin = AIOKafkaAdminClient(**s.aiokafka_common())
         await admin.start()
         await admin.create_topics([NewTopic("bench.hop", args.partitions, 1)])
         await admin.close()
         for w in args.waits:
             out[w] = await hop(s, "bench.hop", args.partitions, w, args.messages, args.rate)
-        print(f"{broker_line(s)}; partitions={args.partitions}; "
+        print(f"{broker_line(s, args.broker)}; partitions={args.partitions}; "
               f"{args.messages} records at {args.rate:.0f}/s per wait")
         base = percentile(out[min(args.waits)], 50)
         print(f"  {'fetch_max_wait_ms':>17} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {f'p50 / p50 at {min(args.waits)}':>16}")

@@ -50,7 +50,7 @@ from app.mt5 import contract
 from app.sample import REFERENCE, signal_dict
 from app.topics import EXECUTIONS, SIGNALS_APPROVED
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
-from bench.common import broker_line, percentile, run_main  # noqa: E402
+from bench.common import add_broker_arg, broker_line, percentile, run_main  # noqa: E402
 from tables.idempotency import order_id_for
 from tables.order_types import comment_for
 
@@ -321,10 +321,12 @@ async def main(argv: list[str] | None = None) -> list[tuple[float, Run, Run]]:
                     help="seconds to wait for every signal of a rate to reach the broker, and again to drain")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (service logs); kept anyway after "
                     "restarts or missing signals")
+    add_broker_arg(ap)
     args = ap.parse_args(argv)
     from pipeline import Pipeline
 
-    p = Pipeline(Path(tempfile.mkdtemp(prefix="bench-latency-")), partitions=args.partitions, config={})
+    p = Pipeline(Path(tempfile.mkdtemp(prefix="bench-latency-")), partitions=args.partitions, config={},
+                 broker=args.broker)
     await p.start()
     out: list[tuple[float, Run, Run]] = []
     keep = args.keep
@@ -339,7 +341,7 @@ async def main(argv: list[str] | None = None) -> list[tuple[float, Run, Run]]:
         warm = await service_run(p, nc, 50, 50, "warmup", args.partitions, args.timeout, rng)
         executions = warm.n
         await wait_drained(p, executions, args.timeout)
-        print(f"{broker_line(p.settings)}; partitions={args.partitions}; one worker; "
+        print(f"{broker_line(p.settings, args.broker)}; partitions={args.partitions}; one worker; "
               f"rates={' '.join(f'{r:.0f}' for r in args.rates)}/s", flush=True)
         for rate in args.rates:
             n = args.signals or max(1, min(args.max_signals, int(rate * args.seconds)))

@@ -50,7 +50,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from app.models import ApprovedSignal, OrderState, OrderType, to_json
 from app.sample import signal_dict
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
-from bench.common import broker_line, run_main  # noqa: E402
+from bench.common import add_broker_arg, broker_line, run_main  # noqa: E402
 from tables.idempotency import order_id_for, partition_for
 from tables.order_state import create_order
 
@@ -276,11 +276,11 @@ class SizeResult:
 
 
 async def run_size(orders: int, partitions: int, records_per_order: int, timeout: float,
-                   workdir: Path | None = None, keep: bool = False) -> tuple[SizeResult, object]:
+                   workdir: Path | None = None, keep: bool = False, broker: str | None = None) -> tuple[SizeResult, object]:
     from pipeline import Pipeline
 
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"bench-recovery-{orders}-"))
-    p = Pipeline(workdir, partitions=partitions, config={})
+    p = Pipeline(workdir, partitions=partitions, config={}, broker=broker)
     await p.start(workers=0, bridge=False, simulator=False)
     try:
         s = p.settings
@@ -311,8 +311,8 @@ def fmt_rate(r: float | None) -> str:
     return f"{r:10.0f}" if r else f"{'-':>10}"
 
 
-def report(results: list[SizeResult], settings, partitions: int, records_per_order: int) -> None:
-    print(f"{broker_line(settings)}; partitions={partitions}; table={TABLE} "
+def report(results: list[SizeResult], settings, partitions: int, records_per_order: int, broker: str) -> None:
+    print(f"{broker_line(settings, broker)}; partitions={partitions}; table={TABLE} "
           f"(changelog {changelog_topic(settings.app_id)}); {records_per_order} changelog record(s) per order")
     print(f"{'':9} {'changelog filled':^19} | {'worker start, EMPTY data dir':^41} | {'restart, data dir KEPT':^22} | {'empty/kept':>10}")
     print(f"{'orders':>9} {'records':>9} {'rec/s':>9} | {'replayed':>9} {'replay s':>9} {'records/s':>10} "
@@ -341,14 +341,16 @@ async def main(argv: list[str] | None = None) -> list[SizeResult]:
                          "3 = PENDING, SUBMITTED, FILLED (uncompacted, as Tansu keeps it)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds a worker may take to become healthy")
     ap.add_argument("--keep", action="store_true", help="keep the work dirs (logs) under the temp dir")
+    add_broker_arg(ap)
     args = ap.parse_args(argv)
     results = []
     settings = None
     for n in args.orders:
-        r, settings = await run_size(n, args.partitions, args.records_per_order, args.timeout, keep=args.keep)
+        r, settings = await run_size(n, args.partitions, args.records_per_order, args.timeout, keep=args.keep,
+                                       broker=args.broker)
         results.append(r)
         print(f"... {n} orders: replayed {r.cold.replayed} records in {r.cold.replay_seconds:.2f}s", flush=True)
-    report(results, settings, args.partitions, args.records_per_order)
+    report(results, settings, args.partitions, args.records_per_order, args.broker)
     return results
 
 

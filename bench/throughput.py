@@ -34,7 +34,7 @@ from app.kafka_io import topic_counts
 from app.sample import signal_dict
 from app.topics import EXECUTIONS, ORDERS_STATUS
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
-from bench.common import broker_line, run_main  # noqa: E402
+from bench.common import add_broker_arg, broker_line, run_main  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -78,8 +78,8 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 def processes(p) -> dict[str, int | None]:
-    """The stack's processes by name: Tansu, nats-server, each service, this script."""
-    procs = {"tansu": p.stack.kafka.pid, "nats-server": p.stack.nats.pid}
+    """The stack's processes by name: the broker, nats-server, each service, this script."""
+    procs = {p.stack.broker: p.stack.kafka.pid, "nats-server": p.stack.nats.pid}
     for name, svc in p.services.running.items():
         procs[name] = svc.proc.pid if svc.proc else None
     procs["bench (publisher, reader)"] = os.getpid()
@@ -160,7 +160,8 @@ async def run_workers(args, workers: int, with_passthrough: bool) -> tuple[float
     """A fresh stack with ``workers`` workers: (pass-through msg/s or None, end-to-end, publisher)."""
     from pipeline import Pipeline
 
-    p = Pipeline(Path(tempfile.mkdtemp(prefix="bench-throughput-")), partitions=args.partitions, config={})
+    p = Pipeline(Path(tempfile.mkdtemp(prefix="bench-throughput-")), partitions=args.partitions, config={},
+                 broker=args.broker)
     await p.start(workers=workers)
     clean = False
     try:
@@ -186,6 +187,7 @@ async def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--workers", type=int, nargs="+", default=[1],
                     help="worker counts to compare, e.g. 1 2 (a fresh stack for each, same signals)")
+    add_broker_arg(ap)
     args = ap.parse_args(argv)
     runs: dict[int, tuple[float, float]] = {}
     raw = None
@@ -194,7 +196,7 @@ async def main(argv: list[str] | None = None) -> dict:
         runs[w] = (e2e, pub)
         if i == 0:
             raw = r
-            print(f"{broker_line(s)}; partitions={args.partitions}; signals={args.signals}")
+            print(f"{broker_line(s, args.broker)}; partitions={args.partitions}; signals={args.signals}")
             print(f"raw aiokafka consume->produce pass-through: {raw:10.0f} msg/s")
             print(f"end to end NATS -> FILLED order + position:  {e2e:10.0f} signals/s (publisher alone: {pub:.0f}/s)"
                   + ("" if w == 1 else f" [{w} workers]"))

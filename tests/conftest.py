@@ -11,8 +11,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from app.local import LocalStack, take_ownership  # noqa: E402
+from app.local import LOCAL_BROKER_ENV, LocalStack, take_ownership  # noqa: E402
 from app.settings import Settings  # noqa: E402
+
+# The suite runs on Apache Kafka (KRaft, the production profile) unless the environment says
+# otherwise; tests marked ``tansu`` (the demo's embedded broker) and stacks built with
+# ``broker="tansu"`` run on Tansu.  Child processes inherit the choice.
+os.environ.setdefault(LOCAL_BROKER_ENV, "kafka")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,9 +37,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-def stack(tmp_path: Path):
-    """A fresh Tansu + nats-server per test (each starts in well under a second)."""
-    s = LocalStack(workdir=tmp_path / "stack").start()
+def stack(tmp_path: Path, request: pytest.FixtureRequest):
+    """A fresh broker + nats-server per test: Apache Kafka, or Tansu for a test marked
+    ``tansu``."""
+    broker = "tansu" if request.node.get_closest_marker("tansu") else None
+    s = LocalStack(workdir=tmp_path / "stack", **({"broker": broker} if broker else {})).start()
     try:
         yield s
     finally:

@@ -48,19 +48,21 @@ def keep_latest(latest: dict[str, Any], records: list, model: Any, key: Callable
 
 class Pipeline:
     def __init__(self, workdir: Path, partitions: int = 4, config: dict | None = None,
-                 broker: str | None = None) -> None:
+                 broker: str | None = None, env: dict[str, str] | None = None) -> None:
         """``broker``: ``tansu`` or ``kafka`` (Apache Kafka, the production profile); None is
-        :class:`LocalStack`'s default (Tansu unless ``EXECUTION_LOCAL_BROKER`` says otherwise)."""
+        :class:`LocalStack`'s default (``EXECUTION_LOCAL_BROKER``: Kafka in the tests).
+        ``env``: settings for every service started (``EXECUTION_...``)."""
         self.workdir = workdir
         self.stack = LocalStack(workdir=workdir / "stack", **({"broker": broker} if broker else {}))
         self.partitions = partitions
         self.config = config if config is not None else TEST_CONFIG
+        self.env = dict(env or {})
         self.services: Services | None = None
         self.settings: Settings | None = None
 
     async def start(self, workers: int = 1, bridge: bool = True, simulator: bool = True) -> "Pipeline":
         self.stack.start()
-        self.services = Services(self.stack, self.workdir, partitions=self.partitions)
+        self.services = Services(self.stack, self.workdir, partitions=self.partitions, extra_env=self.env)
         self.services.supervise()
         self.settings = Settings(
             kafka_bootstrap=self.stack.kafka_url, nats_url=self.stack.nats_url,

@@ -92,9 +92,9 @@ def test_latency_percentiles_and_trend():
 
 @pytest.mark.slow
 async def test_latency_script_every_signal_reaches_the_broker(capsys):
-    runs = await load("latency").main(["--rates", "50", "--signals", "25", "--timeout", "60"])
+    runs = await load("latency").main(["--rates", "50", "--signals", "25", "--timeout", "60", "--broker", "kafka"])
     out = capsys.readouterr().out
-    assert "broker: Tansu" in out and "broker_end_offsets_check=True" in out
+    assert "broker: Apache Kafka" in out and "(production profile)" in out
     [(rate, direct, svc)] = runs
     assert rate == 50
     assert (svc.n, svc.reached, svc.publish_errors) == (25, 25, 0)
@@ -107,11 +107,11 @@ async def test_latency_script_every_signal_reaches_the_broker(capsys):
 
 @pytest.mark.slow
 async def test_recovery_script_replays_every_record_once_and_nothing_with_the_data_dir(capsys):
-    [r] = await load("recovery").main(["--orders", "300", "--timeout", "120"])
+    [r] = await load("recovery").main(["--orders", "300", "--timeout", "120", "--broker", "kafka"])
     out = capsys.readouterr().out
-    assert "broker: Tansu" in out and "execution-orders-changelog" in out
-    # the changelog is filled in batches of several records: the replay needs the end-offset check
-    assert "producer_max_batch_size=16384; producer_linger_ms=0; broker_end_offsets_check=True" in out
+    assert "broker: Apache Kafka" in out and "execution-orders-changelog" in out
+    # the changelog is filled in batches of several records; Kafka's end offsets need no check
+    assert "producer_max_batch_size=16384; producer_linger_ms=0; broker_end_offsets_check=False" in out
     assert r.filled.records == 300
     assert r.cold.replayed == 300 and r.cold.rounds >= 1  # the empty data dir: the whole changelog
     assert r.warm.replayed == 0  # the data dir kept: nothing to replay
@@ -122,12 +122,12 @@ async def test_recovery_script_replays_every_record_once_and_nothing_with_the_da
 
 @pytest.mark.slow
 async def test_throughput_script_with_two_workers(capsys):
-    result = await load("throughput").main(["--signals", "40", "--workers", "2"])
+    result = await load("throughput").main(["--signals", "40", "--workers", "2", "--broker", "kafka"])
     out = capsys.readouterr().out
-    assert "producer_max_batch_size=16384; producer_linger_ms=0; broker_end_offsets_check=True" in out and "pass-through" in out and "[2 workers]" in out
+    assert "broker: Apache Kafka" in out and "pass-through" in out and "[2 workers]" in out
     assert result["passthrough"] > 0 and set(result["runs"]) == {2}
     # CPU per signal for each process of the stack, both workers among them, and the ceiling
-    assert "CPU per signal" in out and all(f"{name} " in out for name in ("worker-1", "worker-2", "tansu", "nats-server"))
+    assert "CPU per signal" in out and all(f"{name} " in out for name in ("worker-1", "worker-2", "kafka", "nats-server"))
     assert "ms/signal -> at most" in out
     e2e, pub = result["runs"][2]
     assert e2e > 0 and pub > 0  # end_to_end itself asserts every order FILLED
@@ -135,7 +135,7 @@ async def test_throughput_script_with_two_workers(capsys):
 
 @pytest.mark.slow
 async def test_fetch_wait_script_reads_every_record(capsys):
-    out = await load("fetch_wait").main(["--waits", "50", "5", "--messages", "10", "--rate", "50"])
+    out = await load("fetch_wait").main(["--waits", "50", "5", "--messages", "10", "--rate", "50", "--broker", "tansu"])
     text = capsys.readouterr().out
-    assert "producer_max_batch_size=16384; producer_linger_ms=0; broker_end_offsets_check=True" in text and "fetch_max_wait_ms" in text
+    assert "broker: Tansu" in text and "(local profile)" in text and "fetch_max_wait_ms" in text
     assert set(out) == {50, 5} and all(len(v) == 10 and v[0] >= 0 for v in out.values())

@@ -16,6 +16,8 @@ from app.sample import MALFORMED_CASES, malformed, signal_dict, subject_for
 from app.topics import SIGNALS_APPROVED, SIGNALS_DLQ
 from support import publish, read_topic, spawn, wait_until
 
+pytestmark = pytest.mark.tansu  # the embedded broker's path (the demo's)
+
 
 def kafka_partition(key: bytes, n: int) -> int:
     """Kafka's default partitioner (the Java client's and aiokafka's)."""

@@ -272,8 +272,9 @@ async def test_bridge_killed_nats_restarted_clickhouse_down_loses_and_doubles_no
     "Nothing lost" starts at JetStream's ack: the upstream publisher resends every signal until
     JetStream acknowledges it (with a message id, so a resend of one already stored is dropped).
     The bridge acks NATS only after Kafka's ack, so its kill redelivers (duplicates on Kafka,
-    removed by the orders agent); the sink commits only after ClickHouse stored a batch."""
-    p = Pipeline(tmp_path, partitions=PARTITIONS, config=CHAOS_CONFIG)
+    removed by the orders agent); the sink commits only after ClickHouse stored a batch.
+    On the embedded Tansu (the demo's broker); the other chaos tests run on Apache Kafka."""
+    p = Pipeline(tmp_path, partitions=PARTITIONS, config=CHAOS_CONFIG, broker="tansu")
     await p.start()
     store = FlakyStore.from_dsn(f"chdb:///{tmp_path / 'chdb'}").arm(orders_down=0, others_down=0)
     store.ensure_schema()

@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app import faust_patches
 from app.kafka_io import end_offsets
 from app.settings import Settings
+
+pytestmark = pytest.mark.tansu  # the embedded broker's path (the demo's)
 
 
 async def produce_batches(settings: Settings, topic: str, sizes: dict[int, list[int]]) -> None:

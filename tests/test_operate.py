@@ -42,7 +42,9 @@ async def wait_health(port: int, timeout: float = 60) -> dict:
 
 
 async def test_two_workers_share_partitions_and_take_over(tmp_path: Path):
-    p = Pipeline(tmp_path, partitions=PARTITIONS)
+    # A static member (the production profile) that stops keeps its partitions until its
+    # session expires, so worker-2 takes over after that: a short session keeps it brief.
+    p = Pipeline(tmp_path, partitions=PARTITIONS, env={"EXECUTION_BROKER_SESSION_TIMEOUT": "8"})
     await p.start(workers=2)
     try:
         for symbol, (mid, _) in REFERENCE.items():
