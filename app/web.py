@@ -94,6 +94,7 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
                 "broker": broker,
                 "tables_recovered": tables_ok,
                 "assigned_partitions": len(app.assignor.assigned_actives()),
+                "rebalances": app.rebalancing_count,  # since this worker started
                 "config_revision": rt.hub.revision,
             }
             if request.query.get("detail"):

@@ -21,10 +21,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.local import KAFKA_READY, KafkaServer, LocalStack, kafka_libs
-from app.models import OrderState
+from app.models import Execution, Order, OrderState
 from app.sample import signal_dict
 from app.settings import Profile, Settings
-from app.topics import TOPICS, PartitionCountMismatch, ensure_topics, partition_counts
+from app.topics import EXECUTIONS, ORDERS_STATUS, TOPICS, PartitionCountMismatch, ensure_topics, partition_counts
 from pipeline import Pipeline
 from tables.idempotency import order_id_for
 
@@ -206,5 +206,52 @@ async def test_signals_to_filled_orders_on_kafka_in_the_production_profile(tmp_p
         assert all(stats["by_comment"].get(i) == 1 for i in ids), "one submission per signal at the broker"
         executions = await pipe.executions()
         assert all(sum(e.volume for e in executions[i]) == pytest.approx(0.1) for i in ids)
+
+        # An analyst's everyday client (librdkafka) reads the derived topics in a group.
+        read = await asyncio.to_thread(read_with_librdkafka, pipe.stack.kafka_url.removeprefix("kafka://"),
+                                       [ORDERS_STATUS, EXECUTIONS], "analysts")
+        snapshots = [Order.model_validate_json(v) for t, _, v in read if t == ORDERS_STATUS]
+        final = {o.order_id: o.state for o in snapshots if o.state.is_final}
+        assert final == {i: OrderState.FILLED for i in ids}
+        fills = {Execution.model_validate_json(v).execution_id for t, _, v in read if t == EXECUTIONS}
+        assert fills == {e.execution_id for es in executions.values() for e in es}
     finally:
         pipe.stop()
+
+
+def read_with_librdkafka(bootstrap: str, topics: list[str], group: str) -> list[tuple]:
+    """Every record of ``topics`` up to their current ends, read by confluent-kafka in consumer
+    group ``group``; the offsets are committed and checked on the broker."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False})
+    consumer.subscribe(topics)
+    out: list[tuple] = []
+    ends: dict[tuple[str, int], int] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, f"librdkafka read {len(out)} records of {topics}, ends {ends}"
+            msg = consumer.poll(0.2)
+            if msg is not None:
+                if msg.error():
+                    raise RuntimeError(f"librdkafka: {msg.error()}")
+                out.append((msg.topic(), msg.key(), msg.value()))
+            assigned = consumer.assignment()
+            if not assigned:
+                continue  # the group is still forming
+            for tp in assigned:
+                if (tp.topic, tp.partition) not in ends:
+                    ends[(tp.topic, tp.partition)] = consumer.get_watermark_offsets(tp, timeout=10)[1]
+            positions = {(tp.topic, tp.partition): tp.offset for tp in consumer.position(assigned)}
+            if all(positions[k] >= end or end == 0 for k, end in ends.items()):
+                break
+        consumer.commit(asynchronous=False)
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in consumer.committed(consumer.assignment(), timeout=10)}
+        assert {k: v for k, v in committed.items() if ends[k]} == {k: v for k, v in ends.items() if v}, \
+            "the group's committed offsets are at the topics' ends"
+    finally:
+        consumer.close()
+    return out

@@ -9,6 +9,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -159,3 +160,62 @@ def test_the_demo_command_runs_end_to_end(tmp_path: Path):
     assert "forwarded: 0" in out
     report = out.split("transaction-cost report:")[-1].strip().splitlines()[0]
     assert Path(report).read_text().count("<svg") >= 3
+
+
+async def test_static_membership_a_quick_restart_keeps_the_group_a_late_one_rebalances(tmp_path: Path):
+    """Static membership on Apache Kafka, as the StatefulSet runs it (``consumer_group_instance_id``
+    = the pod's name): a worker SIGKILLed and back within its session timeout gets its
+    partitions again without a rebalance of the other worker; one that stays away past it has
+    its partitions moved to the other, whose tables recover them.  Both times are printed."""
+    session = 20.0
+    p = Pipeline(tmp_path, partitions=PARTITIONS, broker="kafka",
+                 env={"EXECUTION_BROKER_SESSION_TIMEOUT": str(session)})
+    assert p.stack.profile == "production"
+    await p.start(workers=2)
+    try:
+        await p.hold_reference_prices()
+        w1, w2 = p.services.running["worker-1"], p.services.running["worker-2"]
+        await wait_shared(w1, w2)
+        rng = random.Random(33)
+        first = [signal_dict(f"static-a-{i}", rng, order_type="market", lots=0.1) for i in range(20)]
+        await p.publish_signals(first)
+        ids = [order_id_for(s["signal_id"], PARTITIONS) for s in first]
+        await p.wait_orders(ids)
+        before = await wait_health(w2.web_port)
+        mine = before["assigned_partitions"]
+
+        # SIGKILL and back at once: the same member id returns, no rebalance of worker-2.
+        killed = time.monotonic()
+        w1 = await asyncio.to_thread(p.services.restart, "worker-1", True)
+        back = await wait_health(w1.web_port)
+        quick = time.monotonic() - killed
+        assert back["assigned_partitions"] > 0, "worker-1 has its partitions again"
+        after = await wait_health(w2.web_port)
+        assert (after["rebalances"], after["assigned_partitions"]) == (before["rebalances"], mine), \
+            "worker-2 was not rebalanced"
+        second = [signal_dict(f"static-b-{i}", rng, order_type="market", lots=0.1) for i in range(20)]
+        await p.publish_signals(second)
+        ids2 = [order_id_for(s["signal_id"], PARTITIONS) for s in second]
+        assert all(o.state is OrderState.FILLED for o in (await p.wait_orders(ids2)).values())
+
+        # SIGKILL and away: after the session timeout worker-2 takes every partition over.
+        killed = time.monotonic()
+        await asyncio.to_thread(p.services.running["worker-1"].kill)
+        body: dict = {}
+        while time.monotonic() - killed < session + 90:
+            status, body = await asyncio.to_thread(get, w2.web_port, "/health")
+            if status == 200 and body["assigned_partitions"] > mine:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            raise AssertionError(f"worker-2 did not take over: {body}")
+        late = time.monotonic() - killed
+        assert body["rebalances"] > before["rebalances"]
+        assert late >= session * 0.9, "the partitions waited for the session to expire"
+        for i in ids + ids2:
+            status, order = await asyncio.to_thread(get, w2.web_port, f"/orders/{i}")
+            assert status == 200 and order["state"] == "FILLED", "tables recovered from the changelogs"
+        print(f"static membership (session {session:.0f}s): SIGKILL + restart -> worker-1 healthy in "
+              f"{quick:.1f}s, no rebalance; SIGKILL, no restart -> worker-2 holds every partition after {late:.1f}s")
+    finally:
+        p.stop()
