@@ -27,6 +27,9 @@ def test_docker_compose_matches_the_compose_spec():
     jsonschema.validators.validator_for(schema)(schema).validate(doc)
     assert {"kafka", "nats", "clickhouse", "bridge", "worker", "sink", "simulator"} <= set(doc["services"])
     assert doc["services"]["worker"]["healthcheck"]["test"]
+    from app.local import kafka_version
+
+    assert doc["services"]["kafka"]["image"] == f"apache/kafka:{kafka_version()}", "the version the tests run"
 
 
 def test_the_compose_check_catches_a_broken_file():
