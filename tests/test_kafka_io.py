@@ -15,7 +15,6 @@ from app import faust_patches
 from app.kafka_io import end_offsets
 from app.settings import Settings
 
-pytestmark = pytest.mark.tansu  # the embedded broker's path (the demo's)
 
 
 async def produce_batches(settings: Settings, topic: str, sizes: dict[int, list[int]]) -> None:
@@ -37,6 +36,7 @@ async def produce_batches(settings: Settings, topic: str, sizes: dict[int, list[
         await producer.stop()
 
 
+@pytest.mark.tansu  # Tansu's short end offsets (the local profile's check)
 async def test_end_offsets_are_right_when_the_last_batch_holds_several_records(settings: Settings):
     assert settings.effective("broker_end_offsets_check") is True  # the local profile
     assert settings.effective("producer_max_batch_size") > 1
@@ -96,12 +96,19 @@ async def test_the_consumer_thread_hands_over_nothing_of_a_partition_paused_whil
         finally:
             await producer.stop()
 
+    def handed_over(records: dict, first: int) -> int:
+        """How many of the paused partition's records came back, in order from ``first`` (Tansu
+        answers the waiting fetch when its wait ends, with all five; Kafka as soon as one is there)."""
+        offsets = [r.offset for r in records.get(paused_tp, [])]
+        assert offsets == list(range(first, first + len(offsets))), offsets
+        return len(offsets)
+
     records, moved = await race(faust_patches._fetch_records, {active_tp})
     assert records == {} and moved == 0
     # Faust's own: the paused partition's records come back and its position has moved past them.
     # If this fails, Faust or aiokafka changed and patch 6 may no longer be needed.
     records, moved = await race(faust_patches._faust_fetch_records, {active_tp})
-    assert [r.offset for r in records.get(paused_tp, [])] == list(range(5, 10)) and moved == 5
+    assert handed_over(records, 5) == moved > 0
 
     # A fetch begun while both were active: the partition paused while it waits (a rebalance:
     # recovery has not sought it yet) gets nothing handed over.  With a snapshot of the set
@@ -110,4 +117,4 @@ async def test_the_consumer_thread_hands_over_nothing_of_a_partition_paused_whil
     assert records == {} and moved == 0
     records, moved = await race(lambda w, c, active, **kw: faust_patches._faust_fetch_records(
         w, c, frozenset(active), **kw), {active_tp, paused_tp})
-    assert [r.offset for r in records.get(paused_tp, [])] == list(range(15, 20)) and moved == 5
+    assert handed_over(records, 15) == moved > 0
