@@ -51,9 +51,11 @@ from mode.worker import Worker
 
 from app.kafka_io import end_offsets
 from app.settings import Settings
-from app.watchdog import exit_for_restart
 
-__all__ = ["install"]
+__all__ = [
+    "install", "read_offset", "read_offsets", "committed_offset", "active_partitions", "paused_partitions",
+    "buffered_partitions", "aiokafka_client", "partition_debug_view", "agent_queues",
+]
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +292,8 @@ async def _add_gap(self: Consumer, tp: Any, offset_from: int, offset_to: int) ->
     log.error("%s[%s]: the fetch skipped offsets %d..%d (last read %s, committed %s); exiting to re-read "
               "them from the committed offset", tp.topic, tp.partition, offset_from, offset_to - 1,
               self._read_offset.get(tp), self._committed_offset.get(tp))
+    from app.watchdog import exit_for_restart  # here: app.watchdog imports this module
+
     exit_for_restart()
 
 
@@ -453,3 +457,76 @@ def _pause_partitions(self: Consumer, tps: Any) -> None:
 def _on_buffer_full(self: Consumer, tp: Any) -> None:
     if tp not in self._paused_partitions:
         _faust_on_buffer_full(self, tp)
+
+
+
+# --- reading Faust's and aiokafka's private state ------------------------------------------
+# The rest of the service (the watchdog, /health and /metrics, app.kafka_io) reads a few of
+# Faust's and aiokafka's private attributes; it does so only through these functions, so that
+# every use of their internals is here, next to the pins.  They read, never write, and copy
+# what they return.
+
+
+def read_offset(consumer: Consumer, tp: Any) -> int | None:
+    """The offset of the last record of ``tp`` Faust's consumer handed to an agent."""
+    return consumer._read_offset.get(tp)
+
+
+def read_offsets(consumer: Consumer) -> dict[Any, int | None]:
+    """Every partition's read offset (:func:`read_offset`)."""
+    return dict(consumer._read_offset)
+
+
+def committed_offset(consumer: Consumer, tp: Any) -> int | None:
+    """The offset Faust's consumer last committed for ``tp`` (its next record to read)."""
+    return consumer._committed_offset.get(tp)
+
+
+def active_partitions(consumer: Consumer) -> set:
+    """The partitions Faust's consumer fetches now (neither paused nor held back by a full
+    agent queue)."""
+    return set(getattr(consumer, "_active_partitions", None) or ())
+
+
+def paused_partitions(consumer: Consumer) -> set:
+    """The partitions Faust's consumer paused (a rebalance, recovery)."""
+    return set(getattr(consumer, "_paused_partitions", None) or ())
+
+
+def buffered_partitions(consumer: Consumer) -> set:
+    """The partitions not fetched because their agent's queue is full (Faust's backpressure)."""
+    return set(getattr(consumer, "_buffered_partitions", None) or ())
+
+
+def aiokafka_client(consumer: Any) -> Any:
+    """An ``AIOKafkaConsumer``'s client (``AIOKafkaClient``): its cluster metadata, requests
+    to one broker."""
+    return consumer._client
+
+
+def partition_debug_view(consumer: Consumer, tp: Any) -> dict[str, Any]:
+    """What the worker's consumer knows of ``tp``, for a report: Faust's sets it is in, and
+    aiokafka's fetch position, paused flag and the records fetched and not yet handed over.
+    Reads the consumer thread's state without locks; aiokafka's part is replaced by the error
+    when it cannot be read."""
+    sets = (("active", active_partitions(consumer)), ("buffered", buffered_partitions(consumer)),
+            ("paused", paused_partitions(consumer)))
+    view: dict[str, Any] = {"faust": [name for name, members in sets if tp in members]}
+    try:
+        ak = consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
+        state = ak._subscription.subscription.assignment.state_value(tp)
+        held = ak._fetcher._records.get(tp)
+        view.update(position=state._position, aiokafka_paused=state.paused,
+                    held=type(held).__name__ if held is not None else None)
+    except Exception as exc:  # noqa: BLE001 - a report, never a reason to fail
+        view["aiokafka"] = repr(exc)
+    return view
+
+
+def agent_queues(app: Any) -> dict[str, list[tuple[int, int]]]:
+    """Per agent, per actor: (records in its queue, partitions waiting for the queue to drain)."""
+    return {
+        agent.name: [(a.stream.channel.queue.qsize(), len(a.stream.channel.queue._pending_pressure_drop_callbacks))
+                     for a in agent._actors]
+        for agent in app.agents.values()
+    }

@@ -47,7 +47,7 @@ async def end_offsets(
         check = bool(settings is not None and settings.effective("broker_end_offsets_check"))
     if not check:
         return ends
-    client = consumer._client
+    client = _client(consumer)
     by_node: dict[int, dict[str, list[tuple[int, int, int]]]] = defaultdict(lambda: defaultdict(list))
     for tp, end in ends.items():
         node = client.cluster.leader_for_partition(tp)
@@ -65,13 +65,21 @@ async def end_offsets(
     return ends
 
 
+def _client(consumer: AIOKafkaConsumer) -> Any:
+    # Through app.faust_patches, where every private Faust/aiokafka access is; imported here,
+    # not at the top: it imports this module, and the sink reads Kafka without Faust.
+    from app.faust_patches import aiokafka_client
+
+    return aiokafka_client(consumer)
+
+
 async def _partitions(consumer: AIOKafkaConsumer, topic: str, wait: float) -> list[TopicPartition]:
     partitions = consumer.partitions_for_topic(topic)
     deadline = time.monotonic() + wait
     while not partitions:
         # Asked at least once: Tansu's metadata lists every topic unasked, Apache Kafka's
         # only the topics a client asked about.
-        await consumer._client.force_metadata_update()
+        await _client(consumer).force_metadata_update()
         partitions = consumer.partitions_for_topic(topic)
         if partitions or time.monotonic() >= deadline:
             break
@@ -172,7 +180,7 @@ async def topic_counts(settings: Settings, topics: list[str]) -> dict[str, int]:
     consumer = AIOKafkaConsumer(**settings.aiokafka_common(), enable_auto_commit=False)
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()
+        await _client(consumer).force_metadata_update()
         out: dict[str, int] = {}
         for t in topics:
             tps = [TopicPartition(t, p) for p in sorted(consumer.partitions_for_topic(t) or ())]

@@ -24,6 +24,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer
 
+from app.faust_patches import agent_queues, committed_offset, paused_partitions, partition_debug_view, read_offset
 from app.kafka_io import end_offsets
 from app.settings import Settings
 
@@ -102,7 +103,7 @@ class Watchdog:
             self.tracker.reset()
             return False
         # Partitions Faust paused (a rebalance, recovery) are not expected to move.
-        paused = set(getattr(app.consumer, "_paused_partitions", ()))
+        paused = paused_partitions(app.consumer)
         tps = [tp for tp in app.assignor.assigned_actives() if tp.topic in self.topics and tp not in paused]
         if not tps:
             self.tracker.reset()
@@ -113,7 +114,7 @@ class Watchdog:
         end = await end_offsets(self._probe, tps, self.settings)
         consumer = app.consumer
         stuck, never_read = self.tracker.observe(time.monotonic(), {
-            tp: (consumer._read_offset.get(tp), consumer._committed_offset.get(tp), end[tp]) for tp in tps})
+            tp: (read_offset(consumer, tp), committed_offset(consumer, tp), end[tp]) for tp in tps})
         if self.tracker.stalled_since is None:
             self._reseeked = False
         if never_read and not self._reseeked:
@@ -141,28 +142,10 @@ def consumer_state(app: Any, tps: list) -> dict[str, Any]:
     buffered = its agent's queue under pressure, paused), aiokafka's (fetch position, paused,
     records fetched and not yet handed over) and the agents' queues (size, partitions waiting
     for the pressure to drop).  Reads other threads' state without locks: a report, no more."""
-    consumer = app.consumer
-    sets = {name: getattr(consumer, attr, None) or () for name, attr in
-            (("active", "_active_partitions"), ("buffered", "_buffered_partitions"), ("paused", "_paused_partitions"))}
-    out: dict[str, Any] = {}
-    for tp in tps:
-        view: dict[str, Any] = {"faust": [name for name, members in sets.items() if tp in members]}
-        try:
-            ak = consumer._thread._ensure_consumer()
-            state = ak._subscription.subscription.assignment.state_value(tp)
-            held = ak._fetcher._records.get(tp)
-            view.update(position=state._position, aiokafka_paused=state.paused,
-                        held=type(held).__name__ if held is not None else None)
-        except Exception as exc:  # noqa: BLE001 - a report, never a reason to fail
-            view["aiokafka"] = repr(exc)
-        out[f"{tp.topic}[{tp.partition}]"] = view
+    out: dict[str, Any] = {f"{tp.topic}[{tp.partition}]": partition_debug_view(app.consumer, tp) for tp in tps}
     try:
-        out["queues"] = {
-            agent.name: [(a.stream.channel.queue.qsize(), len(a.stream.channel.queue._pending_pressure_drop_callbacks))
-                         for a in agent._actors]
-            for agent in app.agents.values()
-        }
-    except Exception as exc:  # noqa: BLE001
+        out["queues"] = agent_queues(app)
+    except Exception as exc:  # noqa: BLE001 - a report, never a reason to fail
         out["queues"] = repr(exc)
     return out
 

@@ -23,6 +23,7 @@ import faust
 from faust.web import Request, Response, View
 
 from app import commands_api
+from app.faust_patches import active_partitions, paused_partitions, read_offset, read_offsets
 from app.models import OrderState, position_key, to_dict
 from app.runtime import Runtime
 from tables.definitions import Tables
@@ -99,9 +100,9 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
             }
             if request.query.get("detail"):
                 consumer = app.consumer
-                body["paused"] = sorted(f"{tp.topic}[{tp.partition}]" for tp in getattr(consumer, "_paused_partitions", ()))
-                body["active"] = sorted(f"{tp.topic}[{tp.partition}]" for tp in (consumer._active_partitions or ()))
-                body["read_offsets"] = {f"{tp.topic}[{tp.partition}]": o for tp, o in consumer._read_offset.items()}
+                body["paused"] = sorted(f"{tp.topic}[{tp.partition}]" for tp in paused_partitions(consumer))
+                body["active"] = sorted(f"{tp.topic}[{tp.partition}]" for tp in active_partitions(consumer))
+                body["read_offsets"] = {f"{tp.topic}[{tp.partition}]": o for tp, o in read_offsets(consumer).items()}
                 body["flow_control_suspended"] = app.flow_control.is_active() is False
                 body["rebalancing"] = app.rebalancing
             return self.json(body, status=200 if broker and tables_ok else 503)
@@ -116,7 +117,7 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
                     hw = consumer.highwater(tp)
                 except Exception:
                     continue
-                read = consumer._read_offset.get(tp)  # last offset handed to an agent
+                read = read_offset(consumer, tp)  # last offset handed to an agent
                 lag = max(0, (hw or 0) - ((read + 1) if read is not None else 0))
                 extra.append(("consumer_lag", {"topic": tp.topic, "partition": str(tp.partition)}, lag))
             states: dict[str, int] = {s.value: 0 for s in OrderState}
