@@ -268,18 +268,23 @@ class KafkaServer(Server):
     data_dir: Path = Path()
     libs: Path | None = None
     extra_properties: dict[str, str] = field(default_factory=dict)
+    #: In a cluster (:class:`KafkaCluster`): this node's id, every controller (``id@host:port``,
+    #: comma separated) and the cluster id all nodes are formatted with.
+    node_id: int = 1
+    voters: str = ""
+    cluster_id: str = ""
 
     @classmethod
     def create(cls, workdir: Path, port: int | None = None, controller_port: int | None = None,
-               **properties: str) -> "KafkaServer":
+               name: str = "kafka", **properties: str) -> "KafkaServer":
         port = port or free_port()
-        return cls(name="kafka", argv=[], port=port, log_path=workdir / "kafka.log",
-                   controller_port=controller_port or free_port(), data_dir=workdir / "kafka-data",
+        return cls(name=name, argv=[], port=port, log_path=workdir / f"{name}.log",
+                   controller_port=controller_port or free_port(), data_dir=workdir / f"{name}-data",
                    extra_properties=dict(properties))
 
     @property
     def config_path(self) -> Path:
-        return self.data_dir.parent / "kafka-server.properties"
+        return self.data_dir.parent / f"{self.name}-server.properties"
 
     def properties(self) -> dict[str, str]:
         """The node's ``server.properties``: one combined node, internal topics at replication
@@ -287,8 +292,8 @@ class KafkaServer(Server):
         deployed)."""
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.voters or f"{self.node_id}@127.0.0.1:{self.controller_port}",
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
             "controller.listener.names": "CONTROLLER",
@@ -325,7 +330,7 @@ class KafkaServer(Server):
         if (self.data_dir / "meta.properties").is_file():
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        argv = self._java_argv("kafka.tools.StorageTool", "format", "-t", kafka_cluster_id(),
+        argv = self._java_argv("kafka.tools.StorageTool", "format", "-t", self.cluster_id or kafka_cluster_id(),
                                "-c", str(self.config_path))
         with open(self.log_path, "ab") as log:
             done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
@@ -372,6 +377,69 @@ class KafkaServer(Server):
         super().stop(timeout)
 
 
+@dataclass
+class KafkaCluster:
+    """``size`` Apache Kafka nodes, each broker and controller (a KRaft quorum of ``size``), on
+    loopback, as production runs it: the service's topics at replication factor
+    :attr:`replication_factor`, ``min.insync.replicas`` one less (2 of 3), producers at
+    ``acks=all``.  Nodes are started together (a controller waits for a quorum) and can be
+    killed, stopped and restarted one by one on the same ports and data."""
+
+    nodes: list[KafkaServer]
+
+    @classmethod
+    def create(cls, workdir: Path, size: int = 3) -> "KafkaCluster":
+        ports = [(free_port(), free_port()) for _ in range(size)]
+        voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
+        cluster_id = kafka_cluster_id()
+        rf, isr = str(min(size, 3)), str(max(1, min(size, 3) - 1))
+        replication = {
+            "offsets.topic.replication.factor": rf,
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": isr,
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": isr,
+            "default.replication.factor": rf,
+            "min.insync.replicas": isr,
+        }
+        nodes = []
+        for i, (port, controller) in enumerate(ports):
+            node = KafkaServer.create(workdir, port, controller, name=f"kafka-{i + 1}", **replication)
+            node.node_id, node.voters, node.cluster_id = i + 1, voters, cluster_id
+            nodes.append(node)
+        return cls(nodes)
+
+    @property
+    def replication_factor(self) -> int:
+        return min(len(self.nodes), 3)
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0].port
+
+    @property
+    def pid(self) -> int | None:
+        return self.nodes[0].pid
+
+    def node(self, node_id: int) -> KafkaServer:
+        return self.nodes[node_id - 1]
+
+    def start(self, timeout: float = 120.0) -> "KafkaCluster":
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
+            futures = [pool.submit(n.start, timeout) for n in self.nodes]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            self.stop()
+            raise errors[0]
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
 def nats_server(port: int, workdir: Path) -> Server:
     store = workdir / "jetstream"
     store.mkdir(parents=True, exist_ok=True)
@@ -392,17 +460,23 @@ class LocalStack:
     The default comes from ``EXECUTION_LOCAL_BROKER`` when set."""
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="execution-stack-")))
-    kafka: Server | None = None
+    kafka: Server | KafkaCluster | None = None
     nats: Server | None = None
     broker: str = field(default_factory=_default_broker)
+    #: Apache Kafka only: 1 node, or a cluster (3: replication factor 3, min.insync.replicas 2).
+    kafka_nodes: int = 1
 
     def __post_init__(self) -> None:
         if self.broker not in BROKERS:
             raise ValueError(f"unknown broker {self.broker!r}: one of {', '.join(BROKERS)}")
+        if self.kafka_nodes != 1 and self.broker != "kafka":
+            raise ValueError("a cluster of several nodes needs broker='kafka'")
 
     def start(self) -> "LocalStack":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.broker == "kafka":
+        if self.broker == "kafka" and self.kafka_nodes > 1:
+            self.kafka = KafkaCluster.create(self.workdir, self.kafka_nodes).start()
+        elif self.broker == "kafka":
             self.kafka = KafkaServer.create(self.workdir).start()
         else:
             self.kafka = tansu(free_port(), self.workdir).start()
@@ -433,7 +507,14 @@ class LocalStack:
     @property
     def kafka_url(self) -> str:
         assert self.kafka is not None
+        if isinstance(self.kafka, KafkaCluster):
+            return ";".join(f"kafka://127.0.0.1:{n.port}" for n in self.kafka.nodes)
         return f"kafka://127.0.0.1:{self.kafka.port}"
+
+    @property
+    def replication_factor(self) -> int:
+        """The replication factor of the service's topics on this broker."""
+        return self.kafka.replication_factor if isinstance(self.kafka, KafkaCluster) else 1
 
     @property
     def nats_url(self) -> str:
@@ -452,6 +533,7 @@ class LocalStack:
             "EXECUTION_PROFILE": self.profile,
             "EXECUTION_KAFKA_BOOTSTRAP": self.kafka_url,
             "EXECUTION_NATS_URL": self.nats_url,
+            "EXECUTION_TOPIC_REPLICATION_FACTOR": str(self.replication_factor),
         }
 
 

@@ -48,12 +48,14 @@ def keep_latest(latest: dict[str, Any], records: list, model: Any, key: Callable
 
 class Pipeline:
     def __init__(self, workdir: Path, partitions: int = 4, config: dict | None = None,
-                 broker: str | None = None, env: dict[str, str] | None = None) -> None:
+                 broker: str | None = None, env: dict[str, str] | None = None, kafka_nodes: int = 1) -> None:
         """``broker``: ``tansu`` or ``kafka`` (Apache Kafka, the production profile); None is
         :class:`LocalStack`'s default (``EXECUTION_LOCAL_BROKER``: Kafka in the tests).
-        ``env``: settings for every service started (``EXECUTION_...``)."""
+        ``env``: settings for every service started (``EXECUTION_...``); ``kafka_nodes``: 3
+        for an Apache Kafka cluster (replication factor 3, min.insync.replicas 2)."""
         self.workdir = workdir
-        self.stack = LocalStack(workdir=workdir / "stack", **({"broker": broker} if broker else {}))
+        self.stack = LocalStack(workdir=workdir / "stack", kafka_nodes=kafka_nodes,
+                                **({"broker": broker} if broker else {}))
         self.partitions = partitions
         self.config = config if config is not None else TEST_CONFIG
         self.env = dict(env or {})
@@ -67,6 +69,7 @@ class Pipeline:
         self.settings = Settings(
             kafka_bootstrap=self.stack.kafka_url, nats_url=self.stack.nats_url,
             data_dir=self.workdir / "data", topic_partitions=self.partitions, profile=self.stack.profile,
+            topic_replication_factor=self.stack.replication_factor,
         )
         await ensure_topics(self.settings)
         await self.set_config(self.config)
