@@ -31,6 +31,31 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
 9. **A paused partition stays paused while its agent's queue drains** (``Consumer``'s
    ``pause_partitions``, ``on_buffer_full``): a drain could make a
    partition that a rebalance had paused active again, before recovery sought it.
+
+Proof of each, and its control (Faust's or mode's own code run in the same scenario, showing
+the fault; the patched test also fails when the patch is not installed).  Faults (1, 2, 5, 7,
+8, 9) are in Faust's and mode's code, before any broker, so their controls need no server;
+on Apache Kafka the chaos tests (``tests/test_chaos.py``, which also assert that (5) never
+fired) guard them end to end.  (3) and (4) work around Tansu and act only in the local
+profile: the production profile (Apache Kafka) keeps Faust's methods.
+
+===  =====================================================  ===========  ==========================
+#    test                                                   broker       control
+===  =====================================================  ===========  ==========================
+1    test_faust_patches.py::test_recovery_seeks_...         none         Faust resumes, then seeks
+2    test_faust_patches.py::test_one_partition_waiting_...  none         Faust's queue holds all
+     (test_batch.py: order within a lane, flush)
+3    test_faust_patches.py::test_the_production_profile_..  none         production: Faust's method
+     (bench/fetch_wait.py: Tansu's latency per hop)
+4    test_kafka_io.py::test_end_offsets_are_right_...       Tansu        Tansu's short ListOffsets
+     (and the production-profile test of 3)
+5    test_faust_patches.py::test_a_skipped_range_...        none         Faust commits the gap
+     (test_batch.py: retention, changelogs)
+6    test_kafka_io.py::test_the_consumer_thread_hands_...   Kafka        Faust hands records over
+7    test_faust_patches.py: table manager, worker stop      none         1 s, and >= 2 s to stop
+8    test_faust_patches.py::test_concurrent_seeks_...       none         read offsets != positions
+9    test_faust_patches.py::test_a_paused_partition_...     none         drain re-activates it
+===  =====================================================  ===========  ==========================
 """
 
 from __future__ import annotations
@@ -114,6 +139,11 @@ def install(settings: Settings) -> None:
 # else is Faust's code unchanged.
 
 
+#: Faust's own, for the control tests (tests/test_faust_patches.py).
+_faust_resume_streams = Recovery._resume_streams
+_faust_on_recovery_completed = Recovery.on_recovery_completed
+
+
 async def _start_streams(self: Recovery, assignment: set, standbys_ready: bool) -> None:
     """Seek the paused stream partitions, resume the flow, then resume them and fetch."""
     app: Any = self.app
@@ -182,6 +212,7 @@ async def _on_recovery_completed(self: Recovery, generation_id: int = 0) -> None
 # so ``flush()`` (which Faust awaits before committing offsets) still waits for all of them.
 
 _original_size = ProducerBuffer.size
+_faust_handle_pending = ProducerBuffer._handle_pending  # a mode ServiceTask
 
 
 async def _handle_pending(self: ProducerBuffer) -> None:
@@ -233,14 +264,20 @@ def _install_lanes() -> None:
 
 
 # --- 3 and 4. the worker's consumer: fetch wait, end offsets ------------------------------
+# Both are Tansu's: the production profile (Apache Kafka) keeps Faust's methods, untouched.
 _create_consumer = AIOKafkaConsumerThread._create_worker_consumer
+_faust_highwaters = AIOKafkaConsumerThread._highwaters
+#: The fetch wait Faust's aiokafka driver fixes (``_create_worker_consumer``).
+FAUST_FETCH_MAX_WAIT_MS = 1500
 
 
 def _set_consumer(fetch_max_wait_ms: int, check_end_offsets: bool) -> None:
     """Faust creates its consumer with ``fetch_max_wait_ms=1500``, fixed in its aiokafka
     driver; the value is set on the consumer before it starts, which is when aiokafka hands
     it to its fetcher.  Faust's recovery reads the changelogs' end offsets through
-    ``_highwaters``; with the check on it gets them from :func:`app.kafka_io.end_offsets`."""
+    ``_highwaters``; with the check on it gets them from :func:`app.kafka_io.end_offsets`.
+    Each is replaced only when its setting differs from Faust's behaviour (the local
+    profile), and Faust's method is put back otherwise."""
 
     def _create_worker_consumer(self: AIOKafkaConsumerThread, transport: Any) -> Any:
         consumer = _create_consumer(self, transport)
@@ -251,10 +288,11 @@ def _set_consumer(fetch_max_wait_ms: int, check_end_offsets: bool) -> None:
         consumer = self._ensure_consumer()
         if self.consumer.in_transaction:
             return {tp: consumer.last_stable_offset(tp) for tp in partitions}
-        return await end_offsets(consumer, list(partitions), check=check_end_offsets)
+        return await end_offsets(consumer, list(partitions), check=True)
 
-    AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
-    AIOKafkaConsumerThread._highwaters = _highwaters  # type: ignore[method-assign]
+    AIOKafkaConsumerThread._create_worker_consumer = (  # type: ignore[method-assign]
+        _create_consumer if fetch_max_wait_ms == FAUST_FETCH_MAX_WAIT_MS else _create_worker_consumer)
+    AIOKafkaConsumerThread._highwaters = _highwaters if check_end_offsets else _faust_highwaters  # type: ignore[method-assign]
 
 
 # --- 5. skipped offsets ----------------------------------------------------------------------
@@ -372,6 +410,11 @@ async def _fetch_records(self: AIOKafkaConsumerThread, consumer: Any, active_par
 # the cancelled ones a few loop turns to unwind.  Together with the local profile's shorter
 # session (``broker_session_timeout``), a worker starts in 3.6 s instead of 6.2, stops in 0.4 s
 # instead of 2.3, and a SIGKILLed one is back in 9.5 s instead of 13.
+
+
+_faust_table_manager_on_start = TableManager.on_start
+_mode_gather_all = Worker._gather_all
+_mode_sentinel_task = Worker._sentinel_task
 
 
 async def _table_manager_on_start(self: TableManager) -> None:

@@ -1,28 +1,226 @@
-"""app/faust_patches.py: (7) a stopping worker cancels what is left and closes its loop at
-once, and the cancelled tasks still unwind (their ``finally`` runs) before the loop closes;
-(8) seeks to the committed offsets do not overlap; (9) a paused partition stays paused while its
-agent's queue drains."""
+"""app/faust_patches.py, each change next to a control that runs Faust's (or mode's) own code in
+the same scenario and shows the fault: (1) recovery seeks the stream partitions before it
+resumes them; (2) one producer lane per partition; (3, 4) Tansu's settings leave Faust's methods
+alone in the production profile; (5) a skipped range restarts the worker instead of being
+committed; (7) no fixed sleeps at start and stop, and the cancelled tasks still unwind (their
+``finally`` runs) before the loop closes; (8) seeks to the committed offsets do not overlap;
+(9) a paused partition stays paused while its agent's queue drains.  These faults are in
+Faust's and mode's own code, before any broker: no servers here.  (6) runs on the broker:
+tests/test_kafka_io.py."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import defaultdict
 from types import SimpleNamespace
 
+import pytest
+from faust.tables.manager import TableManager
+from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.transport.producer import ProducerBuffer
 from faust.types import TP
+from intervaltree import IntervalTree
 from mode.worker import Worker
 
+from app import faust_patches, watchdog
 from app.faust_patches import install
-from app.settings import Settings
+from app.settings import Profile, Settings
 
 
-def test_a_stopped_worker_cancels_leftover_tasks_lets_them_unwind_and_closes_the_loop():
+async def turns(n: int = 20) -> None:
+    """Let every ready task run ``n`` loop turns (no clock involved)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+# --- 1. recovery seeks before it resumes ------------------------------------------------------
+
+
+class RecoveryStub:
+    """What Faust's recovery touches as it resumes the streams; records what the consumer sees."""
+
+    def __init__(self) -> None:
+        stream, changelog = TP("signals.approved", 0), TP("execution-orders-changelog", 0)
+        self.stream = stream
+        self.calls: list[tuple[str, bool]] = []  # (call, stream partition paused at that moment)
+        self.paused = {stream}
+
+        def record(name: str) -> None:
+            self.calls.append((name, stream in self.paused))
+
+        async def perform_seek() -> None:
+            record("seek")
+
+        def resume_partitions(tps: set) -> None:
+            record("resume")
+            self.paused -= set(tps)
+
+        async def send() -> None:
+            return None
+
+        async def maybe_start() -> None:
+            record("fetcher")
+
+        consumer = SimpleNamespace(assignment=lambda: {stream, changelog}, perform_seek=perform_seek,
+                                   resume_partitions=resume_partitions, resume_flow=lambda: record("flow"))
+        self.app = SimpleNamespace(
+            consumer=consumer, consumer_generation_id=1, conf=SimpleNamespace(broker_request_timeout=10),
+            on_rebalance_complete=SimpleNamespace(send=send), flow_control=SimpleNamespace(resume=lambda: None),
+            _fetcher=SimpleNamespace(maybe_start=maybe_start), on_rebalance_end=lambda: None)
+        self.log = SimpleNamespace(info=lambda *a: None, dev=lambda *a: None, warning=lambda *a: None)
+        self.completed = asyncio.Event()
+        self.tables = SimpleNamespace(on_actives_ready=lambda: None, on_standbys_ready=lambda: None)
+
+    def _is_changelog_tp(self, tp: TP) -> bool:
+        return tp.topic.endswith("-changelog")
+
+    async def _wait(self, coro, timeout=None) -> None:
+        await coro
+
+
+async def test_recovery_seeks_the_stream_partitions_while_they_are_still_paused():
+    """(1) Faust resumes the stream partitions, then seeks them: in between they are fetchable
+    from wherever the position was (a restarted worker already fetching changelogs fetched
+    them, the records were dropped with the cleared queues, and the first record read after
+    the seek lay past the committed offset: the chaos test's lost signals)."""
     install(Settings())
+    patched = RecoveryStub()
+    await Recovery._resume_streams(patched, generation_id=1)
+    assert patched.calls == [("seek", True), ("flow", True), ("resume", True), ("fetcher", False)]
+
+    # Control: Faust's own resumes first and seeks a partition already fetchable.
+    faust = RecoveryStub()
+    await faust_patches._faust_resume_streams(faust, generation_id=1)
+    assert faust.calls[:2] == [("resume", True), ("seek", False)]
+
+
+# --- 2. producer lanes ----------------------------------------------------------------------
+
+
+async def hand_over(buffer_class: type) -> list[tuple[int, int]]:
+    """Six records for partitions 0 and 1 into a producer buffer whose partition 0 cannot take
+    any (its batch is full); what was handed to the producer meanwhile."""
+    buf = buffer_class()
+    buf.app = SimpleNamespace(conf=SimpleNamespace(producer_threaded=False))
+    gate = asyncio.Event()
+    handed: list[tuple[int, int]] = []
+
+    async def send_pending(fut) -> None:
+        if fut.message.partition == 0:
+            await gate.wait()
+        handed.append((fut.message.partition, fut.n))
+
+    buf._send_pending = send_pending
+    await buf.start()
+    try:
+        channel = object()
+        for n in range(6):
+            buf.put(SimpleNamespace(n=n, message=SimpleNamespace(channel=channel, partition=n % 2)))
+        await turns(50)
+        waiting = list(handed)
+        gate.set()
+        await asyncio.wait_for(buf.flush(), 5)
+        assert sorted(handed) == [(0, 0), (0, 2), (0, 4), (1, 1), (1, 3), (1, 5)]
+        return waiting
+    finally:
+        await buf.stop()
+
+
+async def test_one_partition_waiting_does_not_hold_back_the_others_writes():
+    """(2) The lanes (tests/test_batch.py has the order and flush checks); control: Faust's one
+    queue holds every partition's writes behind the one that waits."""
+    install(Settings())
+    assert await hand_over(ProducerBuffer) == [(1, 1), (1, 3), (1, 5)]
+
+    class FaustBuffer(ProducerBuffer):
+        _handle_pending = faust_patches._faust_handle_pending
+        size = faust_patches._original_size
+
+    assert await hand_over(FaustBuffer) == []
+
+
+# --- 3 and 4. Tansu's settings ----------------------------------------------------------------
+
+
+def test_the_production_profile_keeps_fausts_fetch_wait_and_end_offsets():
+    """(3, 4) are Tansu's: with the production profile (Apache Kafka) Faust's methods stay."""
+    try:
+        install(Settings(profile=Profile.PRODUCTION))
+        assert AIOKafkaConsumerThread._create_worker_consumer is faust_patches._create_consumer
+        assert AIOKafkaConsumerThread._highwaters is faust_patches._faust_highwaters
+        install(Settings(profile=Profile.LOCAL))
+        assert AIOKafkaConsumerThread._create_worker_consumer is not faust_patches._create_consumer
+        assert AIOKafkaConsumerThread._highwaters is not faust_patches._faust_highwaters
+    finally:
+        install(Settings())
+
+
+# --- 5. skipped offsets -----------------------------------------------------------------------
+
+
+async def test_a_skipped_range_is_not_committed(monkeypatch):
+    """(5) The fetch jumps from 158 to 360 on an input topic: Faust records 159..360 as a gap and
+    its next commit counts them as processed; here the worker exits for a restart instead and
+    nothing past 158 is committed.  (tests/test_batch.py: retention, changelogs.)"""
+    install(Settings())
+    tp = TP("signals.approved", 3)
+    exits: list[int] = []
+    monkeypatch.setattr(watchdog.os, "_exit", exits.append)
+    monkeypatch.setattr(watchdog.logging, "shutdown", lambda: None)
+
+    def consumer() -> SimpleNamespace:
+        async def earliest_offsets(*tps):
+            return {t: 0 for t in tps}
+
+        c = SimpleNamespace(_committed_offset={tp: 150}, _read_offset={tp: 158}, _gap=defaultdict(IntervalTree),
+                            _acked=defaultdict(list), _acked_index=defaultdict(set),
+                            earliest_offsets=earliest_offsets)
+        c._acked[tp].extend(range(150, 159))
+        return c
+
+    async def jump(add_gap, c) -> int | None:
+        await add_gap(c, tp, 159, 360)
+        c._acked[tp].append(360)  # the record at 360 processed
+        return Consumer._new_offset(c, tp)
+
+    assert await jump(Consumer._add_gap, consumer()) == 159 and exits == [watchdog.EXIT_STALLED]
+    # Control: Faust's own commits 361: 159..359 never processed.
+    assert await jump(faust_patches._faust_add_gap, consumer()) == 361
+
+
+# --- 7. no fixed sleeps -----------------------------------------------------------------------
+
+
+async def test_the_table_manager_starts_without_a_sleep():
+    install(Settings())
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def nothing() -> None:
+        return None
+
+    manager = SimpleNamespace(should_stop=False, sleep=sleep, _update_channels=nothing,
+                              recovery=SimpleNamespace(start=nothing))
+    await TableManager.on_start(manager)
+    assert slept == []
+    await faust_patches._faust_table_manager_on_start(manager)  # control: Faust's own
+    assert slept == [1.0]
+
+
+def stop_worker(worker_class: type) -> tuple[list, float]:
+    """A mode worker's loop shut down with a task nobody stopped: (what unwound and whether the
+    loop closed, seconds the shutdown took)."""
+    result: list = []
 
     def run() -> None:
         loop = asyncio.new_event_loop()
-        worker = Worker(loop=loop, override_logging=False, redirect_stdouts=False, daemon=False)
+        worker = worker_class(loop=loop, override_logging=False, redirect_stdouts=False, daemon=False)
         unwound: list[str] = []
 
         async def leftover() -> None:  # a task nobody stopped: a client's reader, a timer
@@ -34,29 +232,53 @@ def test_a_stopped_worker_cancels_leftover_tasks_lets_them_unwind_and_closes_the
 
         loop.run_until_complete(asyncio.sleep(0))
         loop.create_task(leftover())
+        began = time.monotonic()
         worker._shutdown_loop()
-        result.extend([unwound, loop.is_closed()])
+        result.extend([[unwound, loop.is_closed()], time.monotonic() - began])
 
-    result: list = []
     t = threading.Thread(target=run, daemon=True)  # mode's worker owns the thread's loop
     t.start()
     t.join(30)
     assert not t.is_alive(), "the worker's shutdown hung on a task that never ends"
-    assert result == [["leftover"], True]
+    return result[0], result[1]
 
 
-async def test_concurrent_seeks_leave_the_read_offsets_where_the_positions_are():
+def test_a_stopped_worker_cancels_leftover_tasks_lets_them_unwind_and_closes_the_loop():
+    """(7) mode waits 1 s for leftover tasks, cancels them and sleeps another second: 2 s of every
+    graceful stop.  The control's bound is mode's own sleeps (at least 2 s, whatever the load);
+    the patched stop sleeps 0.15 s at most."""
+    install(Settings())
+    state, took = stop_worker(Worker)
+    assert state == [["leftover"], True]
+    assert took < 1.0
+
+    class ModeWorker(Worker):
+        _gather_all = faust_patches._mode_gather_all
+        _sentinel_task = faust_patches._mode_sentinel_task
+
+    state, took = stop_worker(ModeWorker)  # control: mode's own
+    assert state == [["leftover"], True]
+    assert took >= 1.9
+
+
+# --- 8. one seek at a time --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("faust", [False, True], ids=["patched", "faust-control"])
+async def test_concurrent_seeks_leave_the_read_offsets_where_the_positions_are(faust: bool):
     """(8) Faust seeks to the committed offsets from two places that can overlap after a
     rebalance: its fetch loop (records came back while the flow was stopped) and recovery.
     Each seek moves the fetch positions partition by partition (an OffsetFetch round trip
     each, retried while the group rebalances), then sets every read offset at the end.  A
     slow seek that read a committed offset before a late commit finished after a fresh one:
     the positions were the fresh seek's, the read offsets the stale one's, and the first
-    record read looked like a gap (the worker restarted; tests/test_chaos.py, two workers)."""
+    record read looked like a gap (the worker restarted; tests/test_chaos.py, two workers).
+    The control runs Faust's own perform_seek and shows that mismatch."""
     install(Settings())
+    perform_seek = faust_patches._faust_perform_seek if faust else Consumer.perform_seek
     tp, other = TP("signals.approved", 0), TP("signals.approved", 1)
     position: dict[TP, int] = {}
-    late_commit_done = asyncio.Event()
+    first_waits, late_commit_done = asyncio.Event(), asyncio.Event()
     committed = {tp: 100, other: 40}
 
     class Thread:  # what the consumer thread's seek does: seek each partition in turn
@@ -68,6 +290,7 @@ async def test_concurrent_seeks_leave_the_read_offsets_where_the_positions_are()
             seen = {}
             for i, p in enumerate((tp, other)):
                 if self.calls == 1 and i == 1:
+                    first_waits.set()
                     await late_commit_done.wait()  # OffsetFetch retried while the group rebalances
                 seen[p] = position[p] = committed[p]
                 await asyncio.sleep(0)
@@ -75,23 +298,33 @@ async def test_concurrent_seeks_leave_the_read_offsets_where_the_positions_are()
 
     thread = Thread()
     consumer = SimpleNamespace(_read_offset={}, _committed_offset={}, seek_to_committed=thread.seek_to_committed)
-    first = asyncio.create_task(Consumer.perform_seek(consumer))  # reads 100 for tp, then waits
-    await asyncio.sleep(0.01)
+    first = asyncio.create_task(perform_seek(consumer))  # reads 100 for tp, then waits
+    await first_waits.wait()
     committed[tp] = 115  # offsets 100..114 processed before the rebalance, committed late
-    second = asyncio.create_task(Consumer.perform_seek(consumer))
-    await asyncio.sleep(0.01)
+    second = asyncio.create_task(perform_seek(consumer))
+    await turns()  # Faust's own second seek completes meanwhile; the patched one waits its turn
     late_commit_done.set()
     await asyncio.gather(first, second)
-    assert consumer._read_offset == position, "read offsets from one seek, positions from the other"
+    if faust:
+        assert consumer._read_offset != position, "Faust's own seeks no longer race: review patch 8"
+    else:
+        assert consumer._read_offset == position, "read offsets from one seek, positions from the other"
 
 
-def test_a_paused_partition_stays_paused_while_its_agents_queue_drains():
+# --- 9. a paused partition stays paused -------------------------------------------------------
+
+
+@pytest.mark.parametrize("faust", [False, True], ids=["patched", "faust-control"])
+def test_a_paused_partition_stays_paused_while_its_agents_queue_drains(faust: bool):
     """(9) Under a backlog Faust stops fetching a partition whose agent's queue is full
     ("buffered") and fetches it again once the queue has drained.  A rebalance pauses every
     stream partition until recovery has sought it to its committed offset; a drain in
     between made a buffered partition active again, so its records were fetched and passed
-    on before the seek (and looked like skipped offsets after it)."""
+    on before the seek (and looked like skipped offsets after it).  The control runs Faust's
+    own pause_partitions and on_buffer_full and shows it."""
     install(Settings())
+    pause = faust_patches._faust_pause_partitions if faust else Consumer.pause_partitions
+    full = faust_patches._faust_on_buffer_full if faust else Consumer.on_buffer_full
     tp = TP("signals.approved", 0)
 
     class Stub:  # the consumer's partition sets, as Faust keeps them
@@ -108,13 +341,19 @@ def test_a_paused_partition_stays_paused_while_its_agents_queue_drains():
             return tp in self._active_partitions or tp in self._buffered_partitions
 
     c = Stub()
-    Consumer.on_buffer_full(c, tp)  # the orders agent's queue is full: not fetched, held records passed on
+    full(c, tp)  # the orders agent's queue is full: not fetched, held records passed on
     assert tp not in c._active_partitions and tp in c._buffered_partitions
-    Consumer.pause_partitions(c, {tp})  # a rebalance
-    assert not c.fetched()
+    pause(c, {tp})  # a rebalance
+    if faust:
+        assert c.fetched(), "Faust's own pause leaves the partition buffered (passed on)"
+    else:
+        assert not c.fetched()
     Consumer.on_buffer_drop(c, tp)  # the queue drains (cleared for the rebalance)
+    if faust:
+        assert tp in c._active_partitions, "Faust's own no longer re-activates a paused partition: review patch 9"
+        return
     assert not c.fetched(), "a paused partition was made active by its queue draining"
-    Consumer.on_buffer_full(c, tp)  # a full queue while paused does not make it "buffered"
+    full(c, tp)  # a full queue while paused does not make it "buffered"
     assert not c.fetched()
     Consumer.resume_partitions(c, {tp})  # recovery has sought it: now it is fetched again
     assert c._active_partitions == {tp} and c.fetched()

@@ -1,6 +1,7 @@
-"""Against a real Tansu (``stack``/``settings`` fixtures): end offsets with batches of several
-records (``app.kafka_io.end_offsets``), and what Faust's consumer thread fetches when the set of
-active partitions empties under it (``app.faust_patches``, 6)."""
+"""Against a real broker (``stack``/``settings`` fixtures): end offsets with batches of several
+records on Tansu (``app.kafka_io.end_offsets``, the local profile's check), and, on Apache Kafka,
+what Faust's consumer thread fetches when the set of active partitions empties under it
+(``app.faust_patches``, 6), next to Faust's own as the control."""
 
 from __future__ import annotations
 
