@@ -4,7 +4,7 @@ aiokafka's or mode's, unless it is the project's own object (listed below)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -17,9 +17,7 @@ def library_private_names() -> frozenset[str]:
     """Every ``_name`` Faust, aiokafka and mode define or use as an attribute."""
     names: set[str] = set()
     for package in ("faust", "aiokafka", "mode"):
-        spec = importlib.util.find_spec(package)
-        assert spec is not None and spec.origin is not None
-        for path in Path(spec.origin).parent.rglob("*.py"):
+        for path in Path(importlib.import_module(package).__file__).parent.rglob("*.py"):
             text = path.read_text(errors="replace")
             names.update(re.findall(r"\.(_[a-z]\w*)", text))
             names.update(re.findall(r"def (_[a-z]\w*)", text))
