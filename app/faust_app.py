@@ -54,9 +54,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
 
 
 def _credentials(s: Settings):
-    import ssl
-
-    ctx = ssl.create_default_context() if s.kafka_ssl else None
+    ctx = s.kafka_ssl_context() if s.kafka_ssl else None
     if s.kafka_sasl_mechanism:
         password = s.kafka_password.get_secret_value() if s.kafka_password else ""
         if s.kafka_sasl_mechanism.upper().startswith("SCRAM"):

@@ -165,9 +165,11 @@ class Server(Process):
     port: int
     log_path: Path
     proc: subprocess.Popen | None = None
+    #: The server's environment when not this process's (e.g. secrets its config refers to).
+    env: dict[str, str] | None = None
 
     def start(self, timeout: float = 20.0) -> "Server":
-        self._spawn(self.argv)
+        self._spawn(self.argv, env=self.env)
         wait_for_port(self.port, self.proc, timeout)
         return self
 
@@ -273,6 +275,9 @@ class KafkaServer(Server):
     node_id: int = 1
     voters: str = ""
     cluster_id: str = ""
+    #: SCRAM users created when the storage is formatted (KRaft keeps them in its metadata):
+    #: ``{mechanism: {user: password}}``.
+    scram_users: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def create(cls, workdir: Path, port: int | None = None, controller_port: int | None = None,
@@ -330,8 +335,10 @@ class KafkaServer(Server):
         if (self.data_dir / "meta.properties").is_file():
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        scram = [arg for mechanism, users in self.scram_users.items() for user, password in users.items()
+                 for arg in ("--add-scram", f"{mechanism}=[name={user},password={password}]")]
         argv = self._java_argv("kafka.tools.StorageTool", "format", "-t", self.cluster_id or kafka_cluster_id(),
-                               "-c", str(self.config_path))
+                               "-c", str(self.config_path), *scram)
         with open(self.log_path, "ab") as log:
             done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
         if done.returncode != 0:
@@ -440,11 +447,140 @@ class KafkaCluster:
             node.stop()
 
 
-def nats_server(port: int, workdir: Path) -> Server:
+def nats_server(port: int, workdir: Path, secure: "Security | None" = None) -> Server:
     store = workdir / "jetstream"
     store.mkdir(parents=True, exist_ok=True)
-    argv = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)]
-    return Server("nats", argv, port, workdir / "nats.log")
+    if secure is None:
+        argv = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)]
+        return Server("nats", argv, port, workdir / "nats.log")
+    # TLS and one user; the password reaches the server through its environment only.
+    conf = workdir / "nats-server.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f"tls {{\n  cert_file: \"{secure.server_cert}\"\n  key_file: \"{secure.server_key}\"\n}}\n"
+        f"authorization {{\n  user: {secure.nats_user}\n  password: ${Security.NATS_PASSWORD_ENV}\n}}\n")
+    argv = [nats_server_binary(), "-c", str(conf), "-js", "-sd", str(store)]
+    env = {**os.environ, Security.NATS_PASSWORD_ENV: secure.nats_password}
+    return Server("nats", argv, port, workdir / "nats.log", env=env)
+
+
+@dataclass
+class Security:
+    """Credentials and TLS material for a secure local stack (Kafka on SASL_SSL with SCRAM,
+    NATS with a user, a password and TLS): a CA and a loopback server certificate made here,
+    random passwords.  The services get them only through their environment (:meth:`env`)."""
+
+    folder: Path
+    kafka_user: str = "execution"
+    kafka_password: str = ""
+    nats_user: str = "execution"
+    nats_password: str = ""
+    mechanism: str = "SCRAM-SHA-512"
+
+    NATS_PASSWORD_ENV = "EXECUTION_STACK_NATS_PASSWORD"
+
+    @classmethod
+    def create(cls, folder: Path) -> "Security":
+        import secrets
+
+        sec = cls(folder, kafka_password=secrets.token_hex(16), nats_password=secrets.token_hex(16))
+        sec._make_certificates()
+        return sec
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.pem"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.folder / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.folder / "server.key"
+
+    @property
+    def keystore(self) -> Path:
+        """Kafka's PEM keystore: the private key (PKCS#8) and the certificate chain."""
+        return self.folder / "server-keystore.pem"
+
+    def _make_certificates(self) -> None:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.timezone.utc)
+
+        def build(subject: str, key, issuer: str, issuer_key, ca: bool):
+            b = (x509.CertificateBuilder()
+                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                 .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                 .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+                 .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+            if not ca:
+                b = b.add_extension(x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            return b.sign(issuer_key, hashes.SHA256())
+
+        ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        ca = build("execution test CA", ca_key, "execution test CA", ca_key, True)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        cert = build("127.0.0.1", key, "execution test CA", ca_key, False)
+        pem = lambda c: c.public_bytes(serialization.Encoding.PEM)  # noqa: E731
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        self.ca.write_bytes(pem(ca))
+        self.server_cert.write_bytes(pem(cert) + pem(ca))
+        self.server_key.write_bytes(key_pem)
+        self.keystore.write_bytes(key_pem + pem(cert) + pem(ca))
+
+    def kafka_properties(self, port: int, internal_port: int, controller_port: int) -> dict[str, str]:
+        """Clients on SASL_SSL (SCRAM) at ``port``; brokers and controllers among themselves on
+        loopback-only plaintext listeners."""
+        m = self.mechanism.lower()
+        return {
+            "listeners": f"SASL_SSL://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal_port},"
+                         f"CONTROLLER://127.0.0.1:{controller_port}",
+            "advertised.listeners": f"SASL_SSL://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal_port}",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,INTERNAL:PLAINTEXT,SASL_SSL:SASL_SSL",
+            "inter.broker.listener.name": "INTERNAL",
+            "sasl.enabled.mechanisms": self.mechanism,
+            f"listener.name.sasl_ssl.{m}.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(self.keystore),
+        }
+
+    def env(self) -> dict[str, str]:
+        """The services' settings (``EXECUTION_...``) for this stack's credentials."""
+        return {
+            "EXECUTION_KAFKA_SASL_MECHANISM": self.mechanism,
+            "EXECUTION_KAFKA_USERNAME": self.kafka_user,
+            "EXECUTION_KAFKA_PASSWORD": self.kafka_password,
+            "EXECUTION_KAFKA_SSL": "true",
+            "EXECUTION_KAFKA_SSL_CAFILE": str(self.ca),
+            "EXECUTION_NATS_USER": self.nats_user,
+            "EXECUTION_NATS_PASSWORD": self.nats_password,
+            "EXECUTION_NATS_TLS_CAFILE": str(self.ca),
+        }
+
+    def settings(self) -> dict[str, object]:
+        """The same as :class:`app.settings.Settings` fields."""
+        return {
+            "kafka_sasl_mechanism": self.mechanism, "kafka_username": self.kafka_user,
+            "kafka_password": self.kafka_password, "kafka_ssl": True, "kafka_ssl_cafile": self.ca,
+            "nats_user": self.nats_user, "nats_password": self.nats_password, "nats_tls_cafile": self.ca,
+        }
+
+    @property
+    def secrets(self) -> list[str]:
+        return [self.kafka_password, self.nats_password]
 
 
 def _default_broker() -> str:
@@ -465,23 +601,37 @@ class LocalStack:
     broker: str = field(default_factory=_default_broker)
     #: Apache Kafka only: 1 node, or a cluster (3: replication factor 3, min.insync.replicas 2).
     kafka_nodes: int = 1
+    #: Apache Kafka only: clients on SASL_SSL (SCRAM), NATS with a user, a password and TLS
+    #: (:class:`Security`: certificates and passwords made at start).
+    secure: bool = False
+    security: Security | None = None
 
     def __post_init__(self) -> None:
         if self.broker not in BROKERS:
             raise ValueError(f"unknown broker {self.broker!r}: one of {', '.join(BROKERS)}")
-        if self.kafka_nodes != 1 and self.broker != "kafka":
-            raise ValueError("a cluster of several nodes needs broker='kafka'")
+        if (self.kafka_nodes != 1 or self.secure) and self.broker != "kafka":
+            raise ValueError("a cluster or a secure stack needs broker='kafka'")
+        if self.secure and self.kafka_nodes != 1:
+            raise ValueError("a secure stack has one Kafka node")
 
     def start(self) -> "LocalStack":
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.secure and self.security is None:
+            self.security = Security.create(self.workdir / "tls")
         if self.broker == "kafka" and self.kafka_nodes > 1:
             self.kafka = KafkaCluster.create(self.workdir, self.kafka_nodes).start()
+        elif self.broker == "kafka" and self.security:
+            port, internal, controller = free_port(), free_port(), free_port()
+            node = KafkaServer.create(self.workdir, port, controller,
+                                      **self.security.kafka_properties(port, internal, controller))
+            node.scram_users = {self.security.mechanism: {self.security.kafka_user: self.security.kafka_password}}
+            self.kafka = node.start()
         elif self.broker == "kafka":
             self.kafka = KafkaServer.create(self.workdir).start()
         else:
             self.kafka = tansu(free_port(), self.workdir).start()
         try:
-            self.nats = nats_server(free_port(), self.workdir).start()
+            self.nats = nats_server(free_port(), self.workdir, self.security).start()
         except BaseException:
             self.kafka.stop()
             raise
@@ -519,7 +669,12 @@ class LocalStack:
     @property
     def nats_url(self) -> str:
         assert self.nats is not None
-        return f"nats://127.0.0.1:{self.nats.port}"
+        return f"{'tls' if self.security else 'nats'}://127.0.0.1:{self.nats.port}"
+
+    def settings_fields(self) -> dict[str, object]:
+        """:class:`app.settings.Settings` fields for a client of this stack (beside the URLs)."""
+        return {"profile": self.profile, "topic_replication_factor": self.replication_factor,
+                **(self.security.settings() if self.security else {})}
 
     @property
     def profile(self) -> str:
@@ -534,6 +689,7 @@ class LocalStack:
             "EXECUTION_KAFKA_BOOTSTRAP": self.kafka_url,
             "EXECUTION_NATS_URL": self.nats_url,
             "EXECUTION_TOPIC_REPLICATION_FACTOR": str(self.replication_factor),
+            **(self.security.env() if self.security else {}),
         }
 
 

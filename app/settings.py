@@ -57,9 +57,15 @@ class Settings(BaseSettings):
     kafka_username: str | None = None
     kafka_password: SecretStr | None = None
     kafka_ssl: bool = False
+    #: The CA bundle that signed the brokers' certificates (PEM); the system's CAs when unset.
+    kafka_ssl_cafile: Path | None = None
     nats_user: str | None = None
     nats_password: SecretStr | None = None
     nats_creds_file: Path | None = None
+    #: TLS to NATS (also implied by a ``tls://`` URL) with this CA bundle (PEM); the
+    #: system's CAs when unset.
+    nats_tls: bool = False
+    nats_tls_cafile: Path | None = None
     clickhouse_password: SecretStr | None = None
     #: The bearer token of the mutating web endpoints (cancel, modify, close) and of the
     #: NATS command subjects' forwarding between workers.  Unset or empty: those endpoints
@@ -138,10 +144,15 @@ class Settings(BaseSettings):
         elif self.kafka_ssl:
             opts["security_protocol"] = "SSL"
         if self.kafka_ssl:
-            from aiokafka.helpers import create_ssl_context
-
-            opts["ssl_context"] = create_ssl_context()
+            opts["ssl_context"] = self.kafka_ssl_context()
         return opts
+
+    def kafka_ssl_context(self) -> "ssl.SSLContext":
+        """The TLS context of every Kafka client (aiokafka and Faust): the brokers' certificates
+        checked against ``kafka_ssl_cafile`` (or the system's CAs), host names verified."""
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None)
 
     def producer_options(self) -> dict[str, Any]:
         """aiokafka producer options: acks from all in-sync replicas, profile batch size and linger."""
@@ -163,6 +174,10 @@ class Settings(BaseSettings):
             opts["password"] = self.nats_password.get_secret_value() if self.nats_password else None
         if self.nats_creds_file:
             opts["user_credentials"] = str(self.nats_creds_file)
+        if self.nats_tls or self.nats_tls_cafile or self.nats_url.startswith("tls://"):
+            import ssl
+
+            opts["tls"] = ssl.create_default_context(cafile=str(self.nats_tls_cafile) if self.nats_tls_cafile else None)
         return opts
 
     def describe(self) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def settings(stack: LocalStack, tmp_path: Path) -> Settings:
         nats_url=stack.nats_url,
         data_dir=tmp_path / "data",
         topic_partitions=8,
-        profile=stack.profile,
+        **stack.settings_fields(),
     )
 
 

@@ -48,13 +48,15 @@ def keep_latest(latest: dict[str, Any], records: list, model: Any, key: Callable
 
 class Pipeline:
     def __init__(self, workdir: Path, partitions: int = 4, config: dict | None = None,
-                 broker: str | None = None, env: dict[str, str] | None = None, kafka_nodes: int = 1) -> None:
+                 broker: str | None = None, env: dict[str, str] | None = None, kafka_nodes: int = 1,
+                 secure: bool = False) -> None:
         """``broker``: ``tansu`` or ``kafka`` (Apache Kafka, the production profile); None is
         :class:`LocalStack`'s default (``EXECUTION_LOCAL_BROKER``: Kafka in the tests).
         ``env``: settings for every service started (``EXECUTION_...``); ``kafka_nodes``: 3
-        for an Apache Kafka cluster (replication factor 3, min.insync.replicas 2)."""
+        for an Apache Kafka cluster (replication factor 3, min.insync.replicas 2); ``secure``:
+        Kafka on SASL_SSL and NATS with a user, a password and TLS (:class:`app.local.Security`)."""
         self.workdir = workdir
-        self.stack = LocalStack(workdir=workdir / "stack", kafka_nodes=kafka_nodes,
+        self.stack = LocalStack(workdir=workdir / "stack", kafka_nodes=kafka_nodes, secure=secure,
                                 **({"broker": broker} if broker else {}))
         self.partitions = partitions
         self.config = config if config is not None else TEST_CONFIG
@@ -68,8 +70,7 @@ class Pipeline:
         self.services.supervise()
         self.settings = Settings(
             kafka_bootstrap=self.stack.kafka_url, nats_url=self.stack.nats_url,
-            data_dir=self.workdir / "data", topic_partitions=self.partitions, profile=self.stack.profile,
-            topic_replication_factor=self.stack.replication_factor,
+            data_dir=self.workdir / "data", topic_partitions=self.partitions, **self.stack.settings_fields(),
         )
         await ensure_topics(self.settings)
         await self.set_config(self.config)
@@ -82,6 +83,12 @@ class Pipeline:
             await asyncio.to_thread(self.services.worker, f"worker-{i + 1}")
         return self
 
+    def _nats_options(self) -> dict:
+        """How this test connects to the stack's NATS (user, password and TLS when secure)."""
+        if self.settings is not None:
+            return self.settings.nats_options()
+        return {"servers": [self.stack.nats_url]}
+
     def stop(self) -> None:
         if self.services:
             self.services.stop_all()
@@ -92,11 +99,11 @@ class Pipeline:
         """Publish on ``signals.approved.<symbol>``; ``kw`` as :func:`support.publish` (which
         resends until JetStream acks): returns the number of resends."""
         items = [(f"signals.approved.{s['symbol']}", orjson.dumps(s)) for s in signals] * times
-        return await publish(self.stack.nats_url, items, rate=rate, **kw)
+        return await publish(self.stack.nats_url, items, rate=rate, connect=self._nats_options(), **kw)
 
     async def set_config(self, doc: dict, timeout: float = 30) -> int:
         """Write the hub config and wait until every running worker has it in force."""
-        nc = await nats.connect(self.stack.nats_url)
+        nc = await nats.connect(**self._nats_options())
         try:
             revision = await hub.write(nc, doc)
         finally:
@@ -132,7 +139,7 @@ class Pipeline:
 
         command_id = command_id or uuid.uuid4().hex
         cmd = OrderCommand(kind=kind, key=key, payload=payload or {}, at=utcnow(), command_id=command_id, source="test")
-        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all")
+        producer = AIOKafkaProducer(**self.settings.aiokafka_common(), acks="all")
         await producer.start()
         try:
             await producer.send_and_wait(ORDERS_COMMANDS, to_json(cmd), key=key.encode())
@@ -151,7 +158,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the simulator
     async def _request(self, subject: str, payload: dict) -> dict:
-        nc = await nats.connect(self.stack.nats_url)
+        nc = await nats.connect(**self._nats_options())
         try:
             msg = await nc.request(subject, orjson.dumps(payload), timeout=5)
             return orjson.loads(msg.data)
@@ -244,7 +251,7 @@ class Pipeline:
             print(f"probe: {topic}: {len(records)} records readable without a group")
             if topic == SIGNALS_APPROVED:
                 self._probe_signals_without_orders(records, await read_topic(self.settings, ORDERS_STATUS, idle=0.3, timeout=30, strict=False))
-        c = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap_servers, group_id=self.settings.app_id,
+        c = AIOKafkaConsumer(**self.settings.aiokafka_common(), group_id=self.settings.app_id,
                              enable_auto_commit=False)
         await c.start()
         try:
@@ -295,7 +302,7 @@ class Pipeline:
 
     async def nats_messages(self, subjects: str = "orders.>", stream: str = "ORDERS") -> list[tuple[str, bytes]]:
         """Every message stored in a JetStream stream under ``subjects``."""
-        nc = await nats.connect(self.stack.nats_url)
+        nc = await nats.connect(**self._nats_options())
         try:
             js = nc.jetstream()
             try:

@@ -37,6 +37,7 @@ async def publish(
     rate: float | None = None,
     retry_for: float = 60.0,
     on_ack: Callable[[int], None] | None = None,
+    connect: dict | None = None,
 ) -> int:
     """Publish (subject, payload) pairs; with JetStream, wait for each stored ack.
 
@@ -49,7 +50,8 @@ async def publish(
     the stream's duplicate window: each item is stored exactly once.  ``on_ack(n)`` is called
     with the number acknowledged so far.  Returns the number of resends.
     """
-    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    options = {"servers": [nats_url], **(connect or {})}  # ``connect``: user, password, TLS
+    nc = await nats.connect(**options, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     resends = 0
     try:
         if jetstream:
