@@ -1,6 +1,6 @@
 """``execution``: the one command of the service.
 
-    execution up        run the local stack (Tansu + nats-server) in the foreground
+    execution up        run the local stack (Tansu or Apache Kafka, nats-server) in the foreground
     execution bridge    NATS signals.approved.> / mt5.fills.> -> Kafka
     execution worker    the Faust worker (agents, tables, web on :8012)
     execution sim       the MT5 broker simulator
@@ -40,7 +40,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from app.local import LocalStack
 
     _own_children()
-    stack = LocalStack(broker=args.broker).start()
+    stack = LocalStack(broker=args.broker, kafka_nodes=args.kafka_nodes).start()
     print(f"kafka: {stack.kafka_url}\nnats:  {stack.nats_url}\nlogs:  {stack.workdir}", flush=True)
     print("export " + " ".join(f"{k}={v}" for k, v in stack.env().items()), flush=True)
     stop = False
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     u = sub.add_parser("up", help="run Tansu (or Apache Kafka) + nats-server locally")
     _broker_option(u)
+    u.add_argument("--kafka-nodes", type=int, choices=[1, 3], default=1,
+                   help="with --broker kafka: 3 runs a cluster (replication factor 3, min.insync.replicas 2)")
     u.set_defaults(func=cmd_up)
     sub.add_parser("bridge", help="NATS -> Kafka bridge").set_defaults(func=cmd_bridge)
     w = sub.add_parser("worker", help="Faust worker")

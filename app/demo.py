@@ -1,6 +1,6 @@
 """``execution demo``: the whole flow on the embedded defaults, in one command.
 
-Starts the local stack (Tansu, nats-server), the MT5 broker simulator, the bridge, a worker
+Starts the local stack (Tansu or Apache Kafka, nats-server), the MT5 broker simulator, the bridge, a worker
 and the ClickHouse sink (chDB, in this process); publishes a realistic mix of approved
 signals priced off the simulator's market (every order type, a few duplicates, a few
 malformed, some the broker rejects, plus risk-rejected signals that must never be acted
@@ -151,7 +151,8 @@ async def run(signals: int, rate: float, seed: int, workdir: Path) -> int:
     settings = Settings(kafka_bootstrap=stack.kafka_url, nats_url=stack.nats_url, data_dir=workdir / "data")
     sink = None
     try:
-        print(f"  kafka (Tansu) {stack.kafka_url}, NATS {stack.nats_url}, chDB {settings.resolved_clickhouse_dsn}", flush=True)
+        broker = "Apache Kafka" if stack.broker == "kafka" else "Tansu"
+        print(f"  kafka ({broker}) {stack.kafka_url}, NATS {stack.nats_url}, chDB {settings.resolved_clickhouse_dsn}", flush=True)
         await ensure_topics(settings)
         nc = await nats.connect(stack.nats_url)
         await hub.write(nc, DEMO_CONFIG)
