@@ -162,10 +162,10 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None, atte
                 except TopicAlreadyExistsError:
                     pass  # a concurrent creator won
                 log.info("created topics %s", [t.name for t in missing])
-                existing = await partition_counts(admin)
-            # Apache Kafka answers CreateTopics before every broker's metadata lists the new
-            # topics: return only once they are all served, so callers never see them absent.
-            unserved = [t.name for t in wanted if existing.get(t.name) is None]
+            # Apache Kafka answers CreateTopics before its metadata lists the new topics with
+            # a leader for every partition: return only once they are all served, so callers
+            # never see them absent or leaderless.
+            unserved = await unserved_topics(admin, [t.name for t in wanted])
             if not unserved:
                 return
             raise TopicsNotServed(unserved)
@@ -185,6 +185,14 @@ async def partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int | None]:
         t["topic"]: len(t["partitions"]) if t["error_code"] == 0 else None
         for t in await admin.describe_topics()
     }
+
+
+async def unserved_topics(admin: AIOKafkaAdminClient, names: list[str]) -> list[str]:
+    """Those of ``names`` the broker does not serve yet: unknown, or a partition without a leader."""
+    described = {t["topic"]: t for t in await admin.describe_topics(names)}
+    return [name for name in names
+            if (t := described.get(name)) is None or t["error_code"] != 0 or not t["partitions"]
+            or any(p["leader"] < 0 for p in t["partitions"])]
 
 
 def check_partitions(settings: Settings, counts: dict[str, int]) -> None:
