@@ -37,7 +37,9 @@ the fault; the patched test also fails when the patch is not installed).  Faults
 8, 9) are in Faust's and mode's code, before any broker, so their controls need no server;
 on Apache Kafka the chaos tests (``tests/test_chaos.py``, which also assert that (5) never
 fired) guard them end to end.  (3) and (4) work around Tansu and act only in the local
-profile: the production profile (Apache Kafka) keeps Faust's methods.
+profile: the production profile (Apache Kafka) keeps Faust's methods.  (10) is a speed-up,
+not a fault: its control is Faust's own replay of the same changelogs, which must leave the
+same tables and persisted offsets.
 
 ===  =====================================================  ===========  ==========================
 #    test                                                   broker       control
@@ -55,6 +57,9 @@ profile: the production profile (Apache Kafka) keeps Faust's methods.
 7    test_faust_patches.py: table manager, worker stop      none         1 s, and >= 2 s to stop
 8    test_faust_patches.py::test_concurrent_seeks_...       none         read offsets != positions
 9    test_faust_patches.py::test_a_paused_partition_...     none         drain re-activates it
+10   test_faust_patches_recovery.py::test_bulk_recovery_..  Kafka        Faust's replay (setting off)
+     (test_faust_patches.py: it stops writing when a        none         the same tables' contents
+     rebalance begins; bench/recovery.py: records/s)
 ===  =====================================================  ===========  ==========================
 """
 
@@ -62,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -79,7 +85,8 @@ from app.settings import Settings
 
 __all__ = [
     "install", "read_offset", "read_offsets", "committed_offset", "active_partitions", "paused_partitions",
-    "buffered_partitions", "aiokafka_client", "partition_debug_view", "agent_queues",
+    "buffered_partitions", "aiokafka_client", "partition_debug_view", "agent_queues", "bulk_eligible",
+    "BULK_START", "BULK_DONE",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,7 +108,7 @@ def check_versions(installed: Callable[[str], str] | None = None) -> None:
 
 
 def install(settings: Settings) -> None:
-    """Apply every change below; the two broker-dependent ones follow ``settings``."""
+    """Apply every change below; the two broker-dependent ones and (10) follow ``settings``."""
     check_versions()
     Recovery._resume_streams = _resume_streams  # type: ignore[method-assign]
     Recovery.on_recovery_completed = _on_recovery_completed  # type: ignore[method-assign]
@@ -114,6 +121,9 @@ def install(settings: Settings) -> None:
     Consumer.perform_seek = _perform_seek  # type: ignore[method-assign]
     Consumer.pause_partitions = _pause_partitions  # type: ignore[method-assign]
     Consumer.on_buffer_full = _on_buffer_full  # type: ignore[method-assign]
+    Recovery._seek_offsets = _seek_offsets  # type: ignore[method-assign]
+    Recovery.on_partitions_revoked = _on_partitions_revoked  # type: ignore[method-assign]
+    _set_bulk(bool(settings.effective("bulk_recovery")), settings)
     _set_consumer(
         fetch_max_wait_ms=settings.effective("consumer_fetch_max_wait_ms"),
         check_end_offsets=bool(settings.effective("broker_end_offsets_check")),
@@ -500,6 +510,207 @@ def _pause_partitions(self: Consumer, tps: Any) -> None:
 def _on_buffer_full(self: Consumer, tp: Any) -> None:
     if tp not in self._paused_partitions:
         _faust_on_buffer_full(self, tp)
+
+
+# --- 10. bulk changelog replay ---------------------------------------------------------------
+# Faust replays a changelog record by record: its consumer thread hands each one to the main
+# thread, the conductor turns it into an Event (decoding the value with the table's codec: a
+# pydantic model per record, thrown away), an asyncio queue passes it to ``_slurp_changelogs``,
+# which per record logs two eager f-strings, awaits ``table.on_changelog_event``, recomputes
+# ``need_recovery()`` over every partition and re-arms a ``wait_for`` timer, and every 1,000
+# records ``Store.apply_changelog_batch`` writes them: one RocksDB WriteBatch per partition and
+# the persisted offset.  That write is the only part that matters, and py-spy puts it at 2.5 %
+# of the main thread's samples; the main thread is busy all along and manages ~4,000 records/s
+# (bench/README.md, "Bulk changelog replay").
+#
+# Here, when recovery seeks the active changelog partitions (``Recovery._seek_offsets``, after
+# it has read their highwaters, start offsets and checked their consistency), each partition
+# with records to replay is read directly by a plain aiokafka consumer of its own (assigned,
+# no group, sought to the partition's start offset + 1, large fetches) up to the highwater
+# Faust read (on Tansu the fetch-checked one, (4)), and each fetched run of records is
+# written as Faust writes it: the raw key and value bytes into the table's RocksDB partition
+# DB, a delete for a tombstone, and the persisted offset (the last record's offset), all in
+# one WriteBatch.  Faust's active offsets move with the writes, so Faust's seek that follows
+# puts its consumer at the end and ``need_recovery()`` finds nothing left: Faust's replay does
+# nothing, or replays only what the bulk left, from where it stopped.  So stopping early is
+# always safe, and the bulk stops (nothing written after the stop) when
+#
+# * a rebalance begins (``Recovery.on_partitions_revoked``, a new generation or a new
+#   recovery signalled): checked right before every write, with no await between the check
+#   and the write; the DB is looked up at each write (a revoked partition's DB is closed);
+#   Faust's ``_wait`` cancels it at an await, between whole WriteBatches;
+# * its time is up: Faust runs the seek under ``broker_request_timeout`` and takes a timeout
+#   for a stop of the service, so the bulk gives itself half of it and Faust's replay reads
+#   the rest (a log line says so);
+# * a partition makes no progress for a while, a record has no key, or anything fails
+#   (logged; Faust's replay reads the rest).
+#
+# Only tables whose replay is exactly that write take part: a RocksDB store on rocksdict,
+# Faust's own ``Collection.apply_changelog_batch``, ``Store.apply_changelog_batch`` and
+# ``on_changelog_event`` and no ``on_changelog_event`` callback (so no side effect of
+# Faust's replay is skipped: ours, tables/definitions.py, have none), not global, and a
+# recovery buffer > 1; and never with ``exactly_once`` (transactions: Faust reads the last
+# stable offset).  Anything else is left to Faust.  Standby partitions are left to Faust as
+# well (they are read continuously, not replayed once).  ``bulk_recovery`` (app/settings.py)
+# turns it off.
+
+from faust.stores.rocksdb import Store as _RocksStore  # noqa: E402
+from faust.tables.base import Collection as _Collection  # noqa: E402
+
+_faust_seek_offsets = Recovery._seek_offsets
+_faust_on_partitions_revoked = Recovery.on_partitions_revoked
+
+#: Log lines of the bulk replay (bench/recovery.py reads them).
+BULK_START = "Bulk changelog replay: reading"
+BULK_DONE = "Bulk changelog replay: done"
+
+
+class _Bulk:
+    enabled = False
+    #: aiokafka connection options (bootstrap servers, credentials): Settings.aiokafka_common().
+    options: dict[str, Any] = {}
+    fetch_max_wait_ms = 100
+    max_partition_fetch_bytes = 8 * 1024 * 1024
+    fetch_max_bytes = 64 * 1024 * 1024
+    #: Seconds without progress on a partition before it is left to Faust.
+    idle_seconds = 10.0
+    #: Records replayed by the bulk since the process started (tests, /metrics).
+    records = 0
+
+
+def _set_bulk(enabled: bool, settings: Settings) -> None:
+    _Bulk.enabled = enabled
+    _Bulk.options = settings.aiokafka_common() if enabled else {}
+    _Bulk.fetch_max_wait_ms = min(int(settings.effective("consumer_fetch_max_wait_ms")), 100)
+
+
+def bulk_eligible(table: Any) -> bool:
+    """Whether Faust's replay of ``table`` is exactly the raw write the bulk replay makes."""
+    store = table.data
+    return (
+        isinstance(store, _RocksStore) and bool(getattr(store, "use_rocksdict", False))
+        and type(store).apply_changelog_batch is _RocksStore.apply_changelog_batch
+        and type(table).apply_changelog_batch is _Collection.apply_changelog_batch
+        and type(table).on_changelog_event is _Collection.on_changelog_event
+        and getattr(table, "_on_changelog_event", None) is None
+        and not getattr(table, "is_global", False) and getattr(table, "recovery_buffer_size", 0) > 1
+    )
+
+
+def _on_partitions_revoked(self: Recovery, revoked: Any) -> None:
+    self._execution_revokes = getattr(self, "_execution_revokes", 0) + 1  # type: ignore[attr-defined]
+    _faust_on_partitions_revoked(self, revoked)
+
+
+async def _seek_offsets(self: Recovery, consumer: Any, tps: Any, offsets: Any, title: str) -> None:
+    if title == "active" and _Bulk.enabled and tps:
+        try:
+            await _bulk_replay(self, set(tps), offsets)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - what was written is consistent; Faust reads the rest
+            log.exception("bulk changelog replay failed; Faust's replay reads the rest")
+    await _faust_seek_offsets(self, consumer, tps, offsets, title)
+
+
+async def _bulk_replay(self: Recovery, tps: set, offsets: Any) -> int:
+    """Replay the active changelog partitions ``tps`` up to their highwaters into RocksDB,
+    moving ``offsets`` (Faust's active offsets: the last offset applied) with the writes."""
+    import rocksdict
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    app: Any = self.app
+    if "exactly_once" in str(app.conf.processing_guarantee):
+        return 0
+    work: dict[Any, tuple[Any, Any, int]] = {}  # aiokafka tp -> (Faust tp, table, highwater)
+    for tp in tps:
+        table = self.tp_to_table.get(tp)
+        highwater, start = self.active_highwaters.get(tp), offsets.get(tp)
+        if table is None or highwater is None or start is None or highwater - start <= 0:
+            continue
+        if bulk_eligible(table):
+            work[TopicPartition(tp.topic, tp.partition)] = (tp, table, highwater)
+    if not work:
+        return 0
+    total = sum(hw - offsets[tp] for tp, _, hw in work.values())
+    revokes, generation = getattr(self, "_execution_revokes", 0), app.consumer_generation_id
+
+    def rebalancing() -> bool:
+        return (getattr(self, "_execution_revokes", 0) != revokes or app.consumer_generation_id != generation
+                or self.signal_recovery_start.is_set() or self.should_stop)
+
+    started = time.monotonic()
+    deadline = started + float(app.conf.broker_request_timeout) / 2
+    self.log.info("%s %d records of %d changelog partitions", BULK_START, total, len(work))
+    kafka = AIOKafkaConsumer(
+        **_Bulk.options, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+        fetch_max_wait_ms=_Bulk.fetch_max_wait_ms, max_partition_fetch_bytes=_Bulk.max_partition_fetch_bytes,
+        fetch_max_bytes=_Bulk.fetch_max_bytes, client_id=f"{app.conf.id}-bulk-recovery",
+    )
+    applied = 0
+    why = "complete"
+    await kafka.start()
+    try:
+        kafka.assign(list(work))
+        for atp, (tp, _, _) in work.items():
+            kafka.seek(atp, max(0, offsets[tp] + 1))
+        pending = set(work)
+        progress = {atp: started for atp in work}
+        while pending:
+            if rebalancing():
+                why = "stopped: a rebalance began"
+                break
+            now = time.monotonic()
+            if now > deadline:
+                why = "stopped: out of time"
+                break
+            stalled = {atp for atp in pending if now - progress[atp] > _Bulk.idle_seconds}
+            if stalled:
+                log.warning("bulk changelog replay: no progress on %s; Faust's replay reads them", sorted(stalled))
+                pending -= stalled
+                if not pending:
+                    break
+            batches = await kafka.getmany(*pending, timeout_ms=500)
+            if rebalancing():  # nothing of this fetch is written
+                why = "stopped: a rebalance began"
+                break
+            for atp, records in batches.items():
+                tp, table, highwater = work[atp]
+                store = table.data
+                batch = rocksdict.WriteBatch(raw_mode=True)
+                seen, last, n = offsets[tp], None, 0
+                for r in records:
+                    if r.offset > highwater:
+                        break
+                    if r.offset <= seen:
+                        continue
+                    if r.key is None:  # Faust's replay fails on it; leave the partition to it
+                        pending.discard(atp)
+                        break
+                    if r.value is None:
+                        batch.delete(r.key)
+                    else:
+                        batch.put(r.key, r.value)
+                    last, n = r.offset, n + 1
+                if last is not None:
+                    batch.put(store.offset_key, str(last).encode())
+                    store._db_for_partition(tp.partition).write(batch)
+                    offsets[tp] = last
+                    applied += n
+                    progress[atp] = time.monotonic()
+                if offsets[tp] >= highwater:
+                    pending.discard(atp)
+            for atp in list(pending):  # past the highwater without a record there (markers)
+                if await kafka.position(atp) > work[atp][2]:
+                    pending.discard(atp)
+    finally:
+        await kafka.stop()
+        _Bulk.records += applied
+    seconds = time.monotonic() - started
+    left = sum(max(0, hw - offsets[tp]) for tp, _, hw in work.values())
+    self.log.info("%s (%s): %d records in %.2f s (%.0f records/s); %d left to Faust's replay", BULK_DONE, why,
+                  applied, seconds, applied / seconds if seconds > 0 else 0.0, left)
+    return applied
 
 
 

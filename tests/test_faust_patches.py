@@ -357,3 +357,107 @@ def test_a_paused_partition_stays_paused_while_its_agents_queue_drains(faust: bo
     assert not c.fetched()
     Consumer.resume_partitions(c, {tp})  # recovery has sought it: now it is fetched again
     assert c._active_partitions == {tp} and c.fetched()
+
+
+# --- 10. bulk changelog replay: what it replays, and a rebalance while it runs -----------------
+# Its contents against Faust's own replay run on the broker: tests/test_faust_patches_recovery.py.
+
+
+def test_only_tables_whose_replay_is_the_raw_write_are_bulk_replayed(tmp_path):
+    import faust
+
+    app = faust.App("bulk-eligible", store="rocksdb://", datadir=str(tmp_path), autodiscover=False)
+
+    async def on_event(event) -> None: ...
+
+    assert faust_patches.bulk_eligible(app.Table("plain", key_type=bytes, value_type=bytes))
+    assert not faust_patches.bulk_eligible(app.Table("callback", on_changelog_event=on_event))
+
+    class OwnReplay(faust.Table):
+        def apply_changelog_batch(self, batch) -> None: ...
+
+    assert not faust_patches.bulk_eligible(OwnReplay(app, name="own_replay"))
+    assert not faust_patches.bulk_eligible(app.Table("unbuffered", recovery_buffer_size=1))
+    assert not faust_patches.bulk_eligible(app.GlobalTable("global"))
+
+
+class BulkStub:
+    """What the bulk replay reads of Faust's Recovery, a table over a real RocksDB partition,
+    and a consumer whose fetches hand out changelog records and can let a rebalance begin."""
+
+    def __init__(self, tmp_path, records: int = 10) -> None:
+        import rocksdict
+
+        self.tp = TP("app-t-changelog", 0)
+        self.db = rocksdict.Rdict(str(tmp_path / "t-0.db"), options=rocksdict.Options(raw_mode=True))
+        store = SimpleNamespace(offset_key=b"__faust\0offset__", _db_for_partition=lambda p: self.db)
+        self.table = SimpleNamespace(data=store)
+        self.tp_to_table = {self.tp: self.table}
+        self.active_highwaters = {self.tp: records - 1}
+        self.signal_recovery_start = asyncio.Event()
+        self.should_stop = False
+        self.app = SimpleNamespace(consumer_generation_id=1, conf=SimpleNamespace(
+            processing_guarantee="at_least_once", broker_request_timeout=90.0, id="app"))
+        self.log = SimpleNamespace(info=lambda *a: None)
+        self.records = [SimpleNamespace(offset=i, key=b"k%d" % (i % 3), value=b"v%d" % i) for i in range(records)]
+        self.on_fetch: list = []  # called once per fetch, before it answers, in order
+
+    def flush_buffers(self) -> None:
+        pass
+
+    def consumer(self, stub: "BulkStub"):
+        class Fake:
+            def __init__(self, **options) -> None:
+                self.position_ = 0
+
+            async def start(self) -> None: ...
+
+            async def stop(self) -> None: ...
+
+            def assign(self, tps) -> None: ...
+
+            def seek(self, tp, offset: int) -> None:
+                self.position_ = offset
+
+            async def getmany(self, *tps, timeout_ms: int):
+                if stub.on_fetch:
+                    stub.on_fetch.pop(0)()
+                got = stub.records[self.position_:self.position_ + 4]
+                self.position_ += len(got)
+                return {tps[0]: got} if got else {}
+
+            async def position(self, tp) -> int:
+                return self.position_
+
+        return Fake
+
+
+@pytest.mark.parametrize("event", ["revoke", "generation", "recovery_start"])
+async def test_the_bulk_replay_writes_nothing_once_a_rebalance_has_begun(tmp_path, monkeypatch, event: str):
+    import aiokafka
+
+    stub = BulkStub(tmp_path)
+    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", stub.consumer(stub))
+    monkeypatch.setattr(faust_patches, "bulk_eligible", lambda table: True)
+    offsets = {stub.tp: -1}
+
+    def rebalance() -> None:
+        if event == "revoke":  # Faust's revoke callback, as the consumer calls it
+            faust_patches._on_partitions_revoked(stub, {stub.tp})
+        elif event == "generation":
+            stub.app.consumer_generation_id += 1
+        else:
+            stub.signal_recovery_start.set()
+
+    # The rebalance begins during the second fetch: its records are not written, nor anything after.
+    stub.on_fetch = [lambda: None, rebalance]
+    assert await faust_patches._bulk_replay(stub, {stub.tp}, offsets) == 4
+    assert offsets[stub.tp] == 3
+    assert dict(stub.db.items()) == {b"k0": b"v3", b"k1": b"v1", b"k2": b"v2", b"__faust\0offset__": b"3"}
+
+    # Recovery after the rebalance: the bulk goes on from the persisted offset.
+    stub.signal_recovery_start.clear()
+    assert await faust_patches._bulk_replay(stub, {stub.tp}, offsets) == 6
+    assert offsets[stub.tp] == 9
+    assert dict(stub.db.items()) == {b"k0": b"v9", b"k1": b"v7", b"k2": b"v8", b"__faust\0offset__": b"9"}
+    stub.db.close()
