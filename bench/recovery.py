@@ -14,8 +14,10 @@ For each size, on a fresh local stack (Tansu + nats-server, no bridge, no simula
    RocksDB volume, and rebuilds the table from the changelog.  Figures from the worker's log
    (Faust's recovery lines, with their own timestamps): the records it had to replay (the
    highwater minus the start offset of each partition of the orders changelog), the replay
-   time ("Restoring state from changelog topics..." to "Done reading from changelog topics"),
-   and records/s; from outside: the time from spawning the process to ``/health`` = 200;
+   time ("Restoring state from changelog topics..." to "Done reading from changelog topics",
+   or with ``bulk_recovery`` (app/faust_patches.py, 10) from the bulk replay's first line to
+   the last of its and Faust's), and records/s; from outside: the time from spawning the
+   process to ``/health`` = 200;
 3. a sample of orders (the last one of every partition and some random ones) is read back
    through ``GET /orders/{id}``: they must be there and FILLED;
 4. baseline, side by side: the same worker stopped (SIGTERM) and restarted with its data dir
@@ -47,6 +49,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from app.faust_patches import BULK_DONE, BULK_START
 from app.models import ApprovedSignal, OrderState, OrderType, to_json
 from app.sample import signal_dict
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
@@ -185,7 +188,7 @@ def log_tables(text: str, title: str) -> list[dict[tuple[str, int], int]]:
 @dataclass
 class Recovery:
     replayed: int  # orders-changelog records the worker had to read (highwater - start offset)
-    replay_seconds: float  # Faust's replay: "Restoring state..." to "Done reading..." (0 if none)
+    replay_seconds: float  # Faust's replay: "Restoring state..." to "Done reading..." or the bulk replay's lines (0 if none)
     ready_seconds: float  # spawn to Faust's "Worker ready"
     health_seconds: float  # spawn to /health 200 (from outside)
     rounds: int  # recovery rounds (more than 1 if a rebalance restarted it)
@@ -198,15 +201,16 @@ class Recovery:
 def parse_recovery(text: str, topic: str, spawned: float, health_at: float) -> Recovery:
     """The figures of one worker start from the part of its log written since the spawn."""
     ready_at = restoring_at = done_at = None
-    rounds = 0
+    rounds = bulk_rounds = 0
     for line in text.splitlines():
         t = log_time(line)
         if t is None:
             continue
-        if RESTORING in line:
-            rounds += 1
+        if RESTORING in line or BULK_START in line:
+            rounds += RESTORING in line
+            bulk_rounds += BULK_START in line
             restoring_at = restoring_at or t
-        elif DONE_READING in line:
+        elif DONE_READING in line or BULK_DONE in line:
             done_at = t
         elif READY in line and ready_at is None:
             ready_at = t
@@ -217,7 +221,8 @@ def parse_recovery(text: str, topic: str, spawned: float, health_at: float) -> R
         hw, st = highwaters[0], starts[0]
         replayed = sum(max(0, v - st.get(k, -1)) for k, v in hw.items() if k[0] == topic)
     replay = (done_at - restoring_at) if restoring_at and done_at else 0.0
-    return Recovery(replayed, replay, (ready_at or health_at) - spawned, health_at - spawned, rounds)
+    return Recovery(replayed, replay, (ready_at or health_at) - spawned, health_at - spawned,
+                    max(rounds, bulk_rounds))
 
 
 # --------------------------------------------------------------------------------------
@@ -312,7 +317,8 @@ def fmt_rate(r: float | None) -> str:
 
 
 def report(results: list[SizeResult], settings, partitions: int, records_per_order: int, broker: str) -> None:
-    print(f"{broker_line(settings, broker)}; partitions={partitions}; table={TABLE} "
+    print(f"{broker_line(settings, broker)}; bulk_recovery={settings.effective('bulk_recovery')}; "
+          f"partitions={partitions}; table={TABLE} "
           f"(changelog {changelog_topic(settings.app_id)}); {records_per_order} changelog record(s) per order")
     print(f"{'':9} {'changelog filled':^19} | {'worker start, EMPTY data dir':^41} | {'restart, data dir KEPT':^22} | {'empty/kept':>10}")
     print(f"{'orders':>9} {'records':>9} {'rec/s':>9} | {'replayed':>9} {'replay s':>9} {'records/s':>10} "
@@ -327,7 +333,8 @@ def report(results: list[SizeResult], settings, partitions: int, records_per_ord
             print(f"  WARNING: the worker replayed {c.replayed} records, {r.filled.records} were written")
         if c.rounds > 1 or w.rounds > 0:
             print(f"  note: recovery rounds: empty dir {c.rounds}, kept dir {w.rounds}")
-    print("replay s: Faust's own log, 'Restoring state from changelog topics' to 'Done reading'; health s: from "
+    print("replay s: Faust's own log, 'Restoring state from changelog topics' (or the bulk replay's first line) to "
+          "'Done reading' (or the bulk replay's last); health s: from "
           "spawning the worker process to /health 200 (includes Python start-up and the group join)")
 
 
