@@ -391,7 +391,7 @@ class BulkStub:
         self.tp = TP("app-t-changelog", 0)
         self.db = rocksdict.Rdict(str(tmp_path / "t-0.db"), options=rocksdict.Options(raw_mode=True))
         store = SimpleNamespace(offset_key=b"__faust\0offset__", _db_for_partition=lambda p: self.db)
-        self.table = SimpleNamespace(data=store)
+        self.table = type("Table", (), {"data": store})()  # hashable, as Faust's tables are
         self.tp_to_table = {self.tp: self.table}
         self.active_highwaters = {self.tp: records - 1}
         self.signal_recovery_start = asyncio.Event()
@@ -401,9 +401,13 @@ class BulkStub:
         self.log = SimpleNamespace(info=lambda *a: None)
         self.records = [SimpleNamespace(offset=i, key=b"k%d" % (i % 3), value=b"v%d" % i) for i in range(records)]
         self.on_fetch: list = []  # called once per fetch, before it answers, in order
+        self.buffers: dict = {self.table: []}  # Faust's replay: records taken, not written yet
 
-    def flush_buffers(self) -> None:
-        pass
+    def flush_buffers(self) -> None:  # as Faust's: write what its replay took, then its offset
+        for r in self.buffers[self.table]:
+            self.db[r.key] = r.value
+            self.db[b"__faust\0offset__"] = str(r.offset).encode()
+        self.buffers[self.table].clear()
 
     def consumer(self, stub: "BulkStub"):
         class Fake:
@@ -459,5 +463,32 @@ async def test_the_bulk_replay_writes_nothing_once_a_rebalance_has_begun(tmp_pat
     stub.signal_recovery_start.clear()
     assert await faust_patches._bulk_replay(stub, {stub.tp}, offsets) == 6
     assert offsets[stub.tp] == 9
+    assert dict(stub.db.items()) == {b"k0": b"v9", b"k1": b"v7", b"k2": b"v8", b"__faust\0offset__": b"9"}
+    stub.db.close()
+
+
+async def test_records_fausts_replay_took_meanwhile_are_written_before_the_bulks_later_ones(tmp_path, monkeypatch):
+    """Faust's replay task still drains records fetched before the rebalance: it takes those
+    past the active offset (moving it) and writes them when its buffer is flushed.  The bulk
+    skips what Faust took and flushes Faust's buffer before its own next write, so the table
+    ends as an in-order replay leaves it (the newest value of k0 is offset 9, k1's 7)."""
+    import aiokafka
+
+    stub = BulkStub(tmp_path)
+    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", stub.consumer(stub))
+    monkeypatch.setattr(faust_patches, "bulk_eligible", lambda table: True)
+    offsets = {stub.tp: -1}
+
+    def faust_takes(*numbers: int) -> None:  # what _slurp_changelogs does with a queued record
+        for i in numbers:
+            if i > offsets[stub.tp]:
+                offsets[stub.tp] = i
+                stub.buffers[stub.table].append(stub.records[i])
+
+    # Faust takes 4..6 while the bulk waits for its second fetch (which answers 4..7).
+    stub.on_fetch = [lambda: None, lambda: faust_takes(4, 5, 6)]
+    assert await faust_patches._bulk_replay(stub, {stub.tp}, offsets) == 4 + 1 + 2  # 0..3, 7, 8..9
+    assert offsets[stub.tp] == 9
+    stub.flush_buffers()  # as Faust does when its replay ends: without the bulk's flush, k0 = v6
     assert dict(stub.db.items()) == {b"k0": b"v9", b"k1": b"v7", b"k2": b"v8", b"__faust\0offset__": b"9"}
     stub.db.close()
