@@ -192,11 +192,12 @@ async def test_the_rest_of_a_large_market_order_waits_within_its_deviation(env):
     """The rest of a market order works as a limit at the requested price plus the deviation:
     a market that ran away leaves it waiting (no fill past the client's bound); a cancel
     removes it."""
-    await hold(env, 1.08000)
-    r = await env.client.submit(order("rest-1", "rest", OrderType.BUY, volume=8.0, price=1.08010, deviation=5))
+    sim = env.sim  # driven directly until the market has run: a tick between would fill the rest
+    sim.control({"cmd": "set_price", "symbol": "EURUSD", "bid": 1.08000, "hold": True})
+    r = sim.submit(order("rest-1", "rest", OrderType.BUY, volume=8.0, price=1.08010, deviation=5))
     assert r.retcode == c.Retcode.DONE_PARTIAL and r.volume == 5.0
-    await hold(env, 1.08020)  # ask 1.08030: 20 points above the requested price
-    env.sim.tick()
+    sim.control({"cmd": "set_price", "symbol": "EURUSD", "bid": 1.08020, "hold": True})  # ask 20 points above
+    sim.tick()
     st = await env.client.status(MAGIC, "rest-1", "rest")
     assert (st.state, st.volume_filled) == ("partially_filled", 5.0)
     assert (await env.client.cancel(MAGIC, "rest-1", "rest")).retcode == c.Retcode.DONE
