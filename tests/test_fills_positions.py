@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ from app.topics import FILLS_DLQ, ORDER_EXECUTION_ARCHIVE, POSITIONS_DISCREPANCI
 from app.sinks.clickhouse import ClickHouseStore
 from app.sinks.kafka_clickhouse import ClickHouseSink
 from pipeline import TEST_CONFIG, Pipeline
+from support import wait_until
 from tables.fills import to_units
 from tables.idempotency import order_id_for
 from tables.order_types import MAGIC
@@ -58,6 +58,30 @@ async def publish_fills(pipe: Pipeline, fills: list[dict]) -> None:
     await nc.close()
 
 
+async def settled(pipe: Pipeline, timeout: float = 60) -> None:
+    """Wait until, with the markets held, every deal the broker made for our magic is an
+    execution here and the positions table equals the sum of the executions.  A few ticks
+    after the hold first, so the rest of an order that was still matchable has filled."""
+    first = (await pipe.sim_stats())["ticks"]
+
+    async def done() -> bool:
+        stats = await pipe.sim_stats()
+        if stats["ticks"] < first + 3 or stats["unpublished"]:
+            return False
+        broker = {d.deal for d in await pipe.broker_deals() if d.magic == MAGIC}
+        execs = await pipe.executions()
+        if {e.deal for v in execs.values() for e in v} != broker:
+            return False
+        net: dict[str, int] = defaultdict(int)
+        for v in execs.values():
+            for e in v:
+                net[f"{e.account}:{e.symbol}"] += to_units(e.volume) * e.side.sign
+        held = {k: to_units(p.net_volume) for k, p in (await pipe.positions()).items()}
+        return all(held.get(k, 0) == units for k, units in net.items())
+
+    await wait_until(done, timeout=timeout, what="every broker deal applied, positions = executions")
+
+
 async def test_a_few_hundred_signals_fills_vwap_and_positions_agree(pipe: Pipeline):
     rng = random.Random(11)
     for symbol, (mid, _) in REFERENCE.items():
@@ -75,7 +99,7 @@ async def test_a_few_hundred_signals_fills_vwap_and_positions_agree(pipe: Pipeli
     # Freeze the market so no pending order triggers while our figures, the broker's and
     # ClickHouse's are compared; let what already triggered finish its fills.
     await pipe.hold_reference_prices()
-    await asyncio.sleep(3)
+    await settled(pipe)
     orders = await pipe.orders()
     execs = await pipe.executions()
     filled = [orders[i] for i in ids if orders[i].state is OrderState.FILLED]
@@ -164,10 +188,18 @@ async def test_duplicate_out_of_order_and_unknown_fills(pipe: Pipeline):
     # the same record on its own topic, which the notifier reads instead of the whole archive
     alerts = [orjson.loads(r.value) for r in await read_topic(pipe.settings, SLIPPAGE_ALERTS, idle=0.3)]
     assert alert in alerts and all(a["type"] == "slippage_alert" for a in alerts)
-    await asyncio.sleep(1)
-    published = await pipe.nats_messages("alerts.execution.>", stream="EXECUTION_ALERTS")
-    assert {"alerts.execution.slippage", "alerts.execution.fills"} <= {s for s, _ in published}
-    assert any(s == "alerts.execution.slippage" and orjson.loads(d)["event_id"] == alert["event_id"] for s, d in published)
+
+    async def alerted() -> bool:  # the notifier publishes after the archive: poll NATS for it
+        published = await pipe.nats_messages("alerts.execution.>", stream="EXECUTION_ALERTS")
+        return {"alerts.execution.slippage", "alerts.execution.fills"} <= {s for s, _ in published} and any(
+            s == "alerts.execution.slippage" and orjson.loads(d)["event_id"] == alert["event_id"] for s, d in published)
+
+    await wait_until(alerted, timeout=30, what="the slippage and fills alerts on NATS")
+
+
+async def _with(pipe: Pipeline, key: str):
+    held = await pipe.positions()
+    return held if key in held else None
 
 
 async def test_reconciliation_finds_an_injected_discrepancy_and_corrects_it(pipe: Pipeline):
@@ -176,11 +208,7 @@ async def test_reconciliation_finds_an_injected_discrepancy_and_corrects_it(pipe
                            "position_reconciliation": {"reconcile_interval_minutes": 0.05, "auto_correct_discrepancies": True}}}
     await pipe.set_config(cfg)
     try:
-        for _ in range(60):
-            held = await pipe.positions()
-            if "acc-9:GBPUSD" in held:
-                break
-            await asyncio.sleep(1)
+        held = await wait_until(lambda: _with(pipe, "acc-9:GBPUSD"), timeout=60, what="the corrected position")
         assert held["acc-9:GBPUSD"].net_volume == pytest.approx(1.5)
         found = [orjson.loads(r.value) for r in await read_topic(pipe.settings, POSITIONS_DISCREPANCIES, idle=0.3)]
         d = next(d for d in found if (d["account"], d["symbol"]) == ("acc-9", "GBPUSD"))

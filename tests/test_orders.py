@@ -103,8 +103,9 @@ async def test_each_order_type_ends_filled_with_its_events(pipe: Pipeline):
     # Walk the price through every trigger and limit so the pending orders execute.
     limit = signals["limit"]["limit_price"]
     trig = max(signals["stop"]["trigger_price"], signals["stop_limit"]["trigger_price"])
+    # The simulator matches within set_price, before it answers: the stops have triggered
+    # (the stop-limit is now a limit) when the next price comes.
     await pipe.sim(cmd="set_price", symbol="EURUSD", bid=round(trig + 0.0005, 5), hold=True)
-    await asyncio.sleep(0.5)
     await pipe.sim(cmd="set_price", symbol="EURUSD", bid=round(min(limit, signals["stop_limit"]["limit_price"]) - 0.0010, 5), hold=True)
     try:
         orders = await pipe.wait_orders(list(ids.values()))
