@@ -15,7 +15,9 @@ at the reference mids so market orders fill without requotes.  For each rate:
   partitions)``, the MT5 comment ``tables.order_types.comment_for(order_id)``), same machine,
   same wall clock.  The service's latency is also split at the signal's Kafka record on
   ``signals.approved`` (its CreateTime, millisecond resolution): NATS -> Kafka (the bridge)
-  and Kafka -> broker (the worker).
+  and Kafka -> broker (the worker), and the worker's part again at its orders agent's handler
+  (the order's ``created_at`` on ``orders.status``): Kafka -> handler (fetch, Faust's stream)
+  and handler -> broker (the batch's commit, then the submission).
 
 Prints per rate: the achieved publish rate, how many signals reached the broker, the rate at
 which they reached it, p50/p99/p99.9/max latency of both runs and the ratio of the p99s, and
@@ -39,16 +41,17 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import nats
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from app.kafka_io import end_offsets, topic_counts
+from app.kafka_io import end_offsets, read_topic, topic_counts
 from app.mt5 import contract
 from app.sample import REFERENCE, signal_dict
-from app.topics import EXECUTIONS, SIGNALS_APPROVED
+from app.topics import EXECUTIONS, ORDERS_STATUS, SIGNALS_APPROVED
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
 from bench.common import add_broker_arg, broker_line, percentile, run_main  # noqa: E402
 from tables.idempotency import order_id_for
@@ -72,6 +75,7 @@ class Run:
     received: dict[str, float] = field(default_factory=dict)  # comment -> broker receipt time
     signal_ids: dict[str, str] = field(default_factory=dict)  # comment -> signal id (service runs)
     in_kafka: dict[str, float] = field(default_factory=dict)  # comment -> signals.approved record time
+    handled: dict[str, float] = field(default_factory=dict)  # comment -> the order's created_at (its handler ran)
     publish_errors: int = 0
 
     @property
@@ -107,6 +111,14 @@ class Run:
         worker = sorted((self.received[c] - self.in_kafka[c]) * 1000.0
                         for c in self.order if c in self.in_kafka and c in self.received)
         return bridge, worker
+
+    def worker_split_ms(self) -> tuple[list[float], list[float]]:
+        """The worker's part split at its handler: (Kafka record -> the orders agent's handler,
+        i.e. fetch and Faust's stream machinery; handler -> broker receipt, i.e. the batch's
+        commit: outputs acked, tables written, then the submission), ms, ascending."""
+        got = [c for c in self.order if c in self.in_kafka and c in self.handled and c in self.received]
+        return (sorted((self.handled[c] - self.in_kafka[c]) * 1000.0 for c in got),
+                sorted((self.received[c] - self.handled[c]) * 1000.0 for c in got))
 
     def stats(self) -> dict[str, float]:
         lat = self.latencies_ms()
@@ -224,7 +236,20 @@ async def service_run(p, nc, rate: float, n: int, tag: str, partitions: int, tim
     await wait_receipts(nc, run, timeout)
     by_signal = await kafka_times(p.settings, SIGNALS_APPROVED, set(run.signal_ids.values()))
     run.in_kafka = {c: by_signal[sid] for c, sid in run.signal_ids.items() if sid in by_signal}
+    run.handled = await created_times(p.settings, {order_id_for(run.signal_ids[c], partitions): c for c in run.order})
     return run
+
+
+async def created_times(settings, comments_by_order: dict[str, str]) -> dict[str, float]:
+    """comment -> ``created_at`` of its order on ``orders.status`` (the orders agent's handler
+    time, ``utcnow()`` when it took the signal), in seconds."""
+    out: dict[str, float] = {}
+    for r in await read_topic(settings, ORDERS_STATUS, idle=0.3, timeout=120):
+        key = r.key.decode() if r.key else ""
+        comment = comments_by_order.get(key)
+        if comment is not None and comment not in out:
+            out[comment] = orjson.loads(r.value)["created_at"]
+    return {c: datetime.fromisoformat(t).timestamp() for c, t in out.items()}
 
 
 async def kafka_times(settings, topic: str, keys: set[str]) -> dict[str, float]:
@@ -293,6 +318,12 @@ def report_rate(rate: float, direct: Run, svc: Run) -> list[str]:
                      f"{ms(percentile(bridge, 99.9))} {ms(bridge[-1])}   (bridge; Kafka record time, ms resolution)")
         lines.append(f"  {'  of which Kafka -> broker':28}{ms(percentile(worker, 50))} {ms(percentile(worker, 99))} "
                      f"{ms(percentile(worker, 99.9))} {ms(worker[-1])}   (worker)")
+        to_handler, to_broker = svc.worker_split_ms()
+        if to_handler:
+            lines.append(f"  {'    Kafka -> handler':28}{ms(percentile(to_handler, 50))} {ms(percentile(to_handler, 99))} "
+                         f"{ms(percentile(to_handler, 99.9))} {ms(to_handler[-1])}   (fetch, Faust's stream, the batch wait)")
+            lines.append(f"  {'    handler -> broker':28}{ms(percentile(to_broker, 50))} {ms(percentile(to_broker, 99))} "
+                         f"{ms(percentile(to_broker, 99.9))} {ms(to_broker[-1])}   (outputs acked, tables, submission)")
     if svc.n < 1000:
         lines.append(f"  ({svc.n} signals: p99.9 is the maximum; more with --seconds or --signals)")
     if svc.achieved_rate < 0.95 * rate:

@@ -20,6 +20,7 @@ For each size, on a fresh local stack (Tansu + nats-server, no bridge, no simula
    process to ``/health`` = 200;
 3. a sample of orders (the last one of every partition and some random ones) is read back
    through ``GET /orders/{id}``: they must be there and FILLED;
+   Its resident memory then (and its peak), from /proc: the worker holding every order;
 4. baseline, side by side: the same worker stopped (SIGTERM) and restarted with its data dir
    kept: it should replay nothing, and the difference is the cost of the replay.
 
@@ -261,6 +262,19 @@ async def timed_start(start, svc_log_size: int, topic: str, timeout: float) -> t
     return svc, parse_recovery(svc.log_text()[svc_log_size:], topic, spawned, health_at)
 
 
+def memory_mib(pid: int | None) -> tuple[float, float]:
+    """(resident, peak resident) MiB of a process, from /proc (0, 0 once it is gone)."""
+    found = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) / 1024  # kB
+    except (OSError, ValueError):
+        pass
+    return found.get("VmRSS", 0.0), found.get("VmHWM", 0.0)
+
+
 def check_sample(svc, ids: list[str]) -> tuple[int, int]:
     """How many of ``ids`` the worker serves as FILLED orders."""
     ok = 0
@@ -278,6 +292,7 @@ class SizeResult:
     cold: Recovery
     warm: Recovery
     verified: tuple[int, int]
+    memory: tuple[float, float]  # the recovered worker's (RSS, peak RSS) MiB, holding every order
 
 
 async def run_size(orders: int, partitions: int, records_per_order: int, timeout: float,
@@ -296,6 +311,7 @@ async def run_size(orders: int, partitions: int, records_per_order: int, timeout
         cold_svc, cold = await timed_start(lambda: p.services.worker(name, wait=False), 0, topic, timeout)
         ids = sorted(set(filled.last_per_partition.values()) | set(filled.sample))
         verified = await asyncio.to_thread(check_sample, cold_svc, ids)
+        memory = memory_mib(cold_svc.proc.pid if cold_svc.proc else None)
         cold_svc.stop()
         size = len(cold_svc.log_text())
 
@@ -305,7 +321,7 @@ async def run_size(orders: int, partitions: int, records_per_order: int, timeout
             return new
 
         _, warm = await timed_start(restart, size, topic, timeout)
-        return SizeResult(orders, filled, cold, warm, verified), s
+        return SizeResult(orders, filled, cold, warm, verified, memory), s
     finally:
         p.stop()
         if not keep:
@@ -322,20 +338,22 @@ def report(results: list[SizeResult], settings, partitions: int, records_per_ord
           f"(changelog {changelog_topic(settings.app_id)}); {records_per_order} changelog record(s) per order")
     print(f"{'':9} {'changelog filled':^19} | {'worker start, EMPTY data dir':^41} | {'restart, data dir KEPT':^22} | {'empty/kept':>10}")
     print(f"{'orders':>9} {'records':>9} {'rec/s':>9} | {'replayed':>9} {'replay s':>9} {'records/s':>10} "
-          f"{'health s':>10} | {'replayed':>9} {'health s':>10} | {'health s':>10} | sample read back")
+          f"{'health s':>10} | {'replayed':>9} {'health s':>10} | {'health s':>10} | {'RSS (peak) MiB':>15} | sample read back")
     for r in results:
         c, w = r.cold, r.warm
         ratio = c.health_seconds / w.health_seconds if w.health_seconds > 0 else float("nan")
         print(f"{r.orders:9d} {r.filled.records:9d} {r.filled.records / r.filled.seconds:9.0f} | "
               f"{c.replayed:9d} {c.replay_seconds:9.2f} {fmt_rate(c.records_per_second)} {c.health_seconds:10.2f} | "
-              f"{w.replayed:9d} {w.health_seconds:10.2f} | {ratio:10.1f} | {r.verified[0]}/{r.verified[1]} FILLED")
+              f"{w.replayed:9d} {w.health_seconds:10.2f} | {ratio:10.1f} | {r.memory[0]:6.0f} ({r.memory[1]:5.0f}) | "
+              f"{r.verified[0]}/{r.verified[1]} FILLED")
         if c.replayed != r.filled.records:
             print(f"  WARNING: the worker replayed {c.replayed} records, {r.filled.records} were written")
         if c.rounds > 1 or w.rounds > 0:
             print(f"  note: recovery rounds: empty dir {c.rounds}, kept dir {w.rounds}")
     print("replay s: Faust's own log, 'Restoring state from changelog topics' (or the bulk replay's first line) to "
           "'Done reading' (or the bulk replay's last); health s: from "
-          "spawning the worker process to /health 200 (includes Python start-up and the group join)")
+          "spawning the worker process to /health 200 (includes Python start-up and the group join); RSS: the "
+          "worker recovered from the empty data dir, holding every order, after the sample was read back")
 
 
 async def main(argv: list[str] | None = None) -> list[SizeResult]:

@@ -102,6 +102,8 @@ async def test_latency_script_every_signal_reaches_the_broker(capsys):
     assert len(set(svc.order)) == 25 and all(len(c) == 31 for c in svc.order)  # MT5 comments = order ids
     assert all(svc.received[c] > svc.published[c] for c in svc.order)  # received after published
     assert len(svc.in_kafka) == 25  # every signal found on signals.approved
+    assert len(svc.handled) == 25 and "Kafka -> handler" in out  # and its order's handler time
+    assert all(svc.in_kafka[c] - 0.002 <= svc.handled[c] <= svc.received[c] for c in svc.order)
     assert "reached the broker 25/25" in out and "p50 ms" in out and "MISSING" not in out
 
 
@@ -117,7 +119,20 @@ async def test_recovery_script_replays_every_record_once_and_nothing_with_the_da
     assert r.warm.replayed == 0  # the data dir kept: nothing to replay
     ok, total = r.verified
     assert total >= 5 and ok == total  # sampled orders served as FILLED after recovery
+    rss, peak = r.memory  # the recovered worker's memory, printed
+    assert 0 < rss <= peak and "RSS (peak) MiB" in out
     assert "WARNING" not in out
+
+
+@pytest.mark.slow
+async def test_bridge_floor_script_runs_both_on_the_same_messages(capsys):
+    med = await load("bridge_floor").main(["--messages", "300", "--rounds", "2", "--broker", "kafka"])
+    out = capsys.readouterr().out
+    assert "broker: Apache Kafka" in out and "acks=all" in out
+    # both drained every message (the bridge run asserts none was dead-lettered), alternated
+    assert out.count(" floor :") == 2 and out.count(" bridge:") == 2
+    assert "ratio bridge / floor" in out
+    assert all(cpu > 0 and rate > 0 for cpu, rate in med.values())
 
 
 @pytest.mark.slow
