@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -44,6 +45,15 @@ def run_main(main: Callable[[], Awaitable[Any]]) -> None:
     """Run a script's ``main`` and print the load average at its start and end."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     load = os.getloadavg()[0]
-    asyncio.run(main())
+
+    async def run() -> Any:
+        # SIGTERM cancels the script, so its ``finally`` blocks stop the stack it started.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+        return await main()
+
+    try:
+        asyncio.run(run())
+    except asyncio.CancelledError:
+        raise SystemExit(143) from None
     print(f"machine: {os.cpu_count()} CPUs; load average (1 min) {load:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end (other processes share this machine)")

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nats
@@ -223,11 +223,13 @@ async def service_run(p, nc, rate: float, n: int, tag: str, partitions: int, tim
         comment = comment_for(order_id_for(s["signal_id"], partitions))
         run.order.append(comment)
         run.signal_ids[comment] = s["signal_id"]
-        items.append((f"signals.approved.{s['symbol']}", orjson.dumps(s)))
+        items.append((f"signals.approved.{s['symbol']}", s))
     acks: list[asyncio.Future] = []
 
     async def send(i: int) -> None:
-        acks.append(await js.publish_async(*items[i]))
+        subject, s = items[i]
+        s["approved_at"] = datetime.now(UTC).isoformat()  # approved as it is sent: never stale in a long run
+        acks.append(await js.publish_async(subject, orjson.dumps(s)))
 
     times = await paced(n, rate, send)
     run.published = dict(zip(run.order, times))
