@@ -51,6 +51,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel
 
+from app.http_server import ProbeServer
 from app.models import ApprovedSignal, DecodeError, Fill, from_json
 from app.settings import Settings
 from app.topics import (
@@ -326,9 +327,29 @@ async def ensure_stream(js, name: str, subjects: list[str]) -> None:
         )
 
 
+def bridge_web(bridge: Bridge) -> ProbeServer:
+    """The bridge's probes and metrics."""
+
+    async def ready() -> tuple[bool, dict]:
+        nats_ok = bridge._nc is not None and bridge._nc.is_connected
+        routes_ok = bool(bridge._tasks) and not any(t.done() for t in bridge._tasks)
+        return nats_ok and routes_ok, {"nats": nats_ok, "routes_running": routes_ok}
+
+    def metrics() -> list:
+        st = bridge.stats
+        out = [("bridge_forwarded_total", {"topic": t}, n) for t, n in sorted(st.forwarded.items())]
+        out += [("bridge_dead_letters_total", {"topic": t}, n) for t, n in sorted(st.dead_lettered.items())]
+        out.append(("bridge_produce_retries_total", {}, st.produce_retries))
+        return out
+
+    s = bridge.settings
+    return ProbeServer("bridge", s.web_host, s.bridge_web_port, ready=ready, metrics=metrics)
+
+
 async def run_bridge(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain."""
     bridge = Bridge(settings)
+    web = await bridge_web(bridge).start()
     await bridge.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -337,3 +358,4 @@ async def run_bridge(settings: Settings) -> None:
     await stop.wait()
     log.info("signal received: draining")
     await bridge.stop()
+    await web.stop()

@@ -136,6 +136,65 @@ def cmd_config(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _sql_rows(settings, sql: str, url: str, timeout: float) -> tuple[list[str], list[list]]:
+    """Through the running sink's ``/query`` (the process that owns an embedded chDB); with no
+    sink answering, straight to ClickHouse: a server, or the chDB directory if no process holds it."""
+    status, answer = _http("POST", url.rstrip("/") + "/query", {"sql": sql}, timeout=timeout)
+    if status == 200:
+        return answer["columns"], answer["rows"]
+    if status:
+        raise SystemExit(f"execution sql: {answer.get('error', answer)}")
+    from app.sinks.clickhouse import ClickHouseStore
+
+    dsn = settings.resolved_clickhouse_dsn
+    try:
+        store = ClickHouseStore.from_settings(settings)
+    except Exception as exc:
+        if dsn.startswith("chdb"):  # chDB allows one process per directory
+            raise SystemExit(
+                f"execution sql: no sink answers at {url}, and the embedded ClickHouse at {dsn} "
+                f"could not be opened here ({str(exc).splitlines()[0][:200]}): it is open in another "
+                "process while `execution sink` or the demo runs; point --url at that sink") from None
+        raise SystemExit(f"execution sql: {dsn}: {exc}") from None
+    try:
+        columns, rows = store.select(sql)
+    except Exception as exc:
+        raise SystemExit(f"execution sql: {str(exc).splitlines()[0][:500]}") from None
+    finally:
+        store.close()
+    return columns, [list(r) for r in rows]
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """``execution sql "SELECT ..." [--format table|csv|json]``: read-only queries on the
+    service's ClickHouse tables, while the service runs."""
+    import csv
+    import io
+
+    from app.settings import get_settings
+
+    settings = get_settings()
+    columns, rows = _sql_rows(settings, args.query, args.url or settings.sink_url, args.timeout)
+    if args.format == "json":
+        import orjson
+
+        print(orjson.dumps([dict(zip(columns, r)) for r in rows], default=str, option=orjson.OPT_INDENT_2).decode())
+    elif args.format == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+        print(out.getvalue(), end="")
+    else:
+        cells = [[str(c) for c in columns]] + [["" if v is None else str(v) for v in r] for r in rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        print("\n".join(lines))
+        print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     from app.settings import get_settings
 
@@ -259,6 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     _broker_option(d)
     d.set_defaults(func=cmd_demo)
     sub.add_parser("settings", help="print effective settings").set_defaults(func=cmd_settings)
+    q = sub.add_parser("sql", help="a read-only SQL query on the ClickHouse tables (while the service runs)",
+                       description="Sent to the running sink's /query (EXECUTION_SINK_URL, or --url), which "
+                                   "owns the embedded chDB; with no sink answering, straight to ClickHouse.")
+    q.add_argument("query", help='e.g. "SELECT symbol, count() FROM executions GROUP BY symbol"')
+    q.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    q.add_argument("--url", default=None, help="the sink's HTTP server (default: the setting sink_url)")
+    q.add_argument("--timeout", type=float, default=60.0)
+    q.set_defaults(func=cmd_sql)
     token_note = "The token comes from EXECUTION_API_TOKEN. Prints the answer; exit 0 on 200/202, else 1."
     o = sub.add_parser("orders", help="show, cancel or modify an order", description=token_note)
     o_sub = o.add_subparsers(dest="action", required=True)

@@ -790,7 +790,19 @@ class Services:
         return svc
 
     def bridge(self, name: str = "bridge") -> Service:
-        return self.start(name, ["bridge"])
+        port = free_port()
+        svc = self.start(name, ["bridge"], EXECUTION_BRIDGE_WEB_PORT=str(port))
+        svc.web_port = port  # type: ignore[attr-defined]
+        return svc
+
+    def sink(self, name: str = "sink") -> Service:
+        """``execution sink`` (derived topics -> ClickHouse; chDB under the data dir unless
+        ``EXECUTION_CLICKHOUSE_DSN`` says otherwise), with its HTTP server on a free port."""
+        port = free_port()
+        svc = self.start(name, ["sink"], EXECUTION_SINK_WEB_PORT=str(port),
+                         EXECUTION_SINK_URL=f"http://127.0.0.1:{port}")
+        svc.web_port = port  # type: ignore[attr-defined]
+        return svc
 
     def simulator(self, name: str = "sim", seed: int = 7) -> Service:
         return self.start(name, ["sim", "--seed", str(seed)])
@@ -816,8 +828,8 @@ class Services:
         size = len(new.log_text())
         new.start()
         self.running[name] = new
+        new.web_port = getattr(old, "web_port", None)  # type: ignore[attr-defined]  # same env, same port
         if wait and old.argv[0] == "worker":
-            new.web_port = old.web_port  # type: ignore[attr-defined]
             new.wait_for_log(WORKER_READY, timeout=90, after=size)
         return new
 

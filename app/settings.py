@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(1, ge=1)
     web_port: int = 8012
     web_host: str = "0.0.0.0"
+    #: The bridge's and the sink's HTTP servers (``/livez``, ``/readyz``, ``/metrics``; the
+    #: sink's ``/query``); 0: none.
+    bridge_web_port: int = Field(8013, ge=0)
+    sink_web_port: int = Field(8014, ge=0)
+    #: Where ``execution sql`` sends its query: the sink that owns the embedded chDB.
+    sink_url: str = "http://127.0.0.1:8014"
     #: How other workers reach this one's web server (table queries are forwarded to the
     #: owner of the key's partition); default ``http://<hostname>:<web_port>``.
     canonical_url: str | None = None
@@ -193,6 +199,7 @@ class Settings(BaseSettings):
                 out[name] = "**********"
         for name in _TUNING:
             out[name] = self.effective(name)
+        out["clickhouse_dsn"] = self.resolved_clickhouse_dsn  # where the data is (the chDB path by default)
         return out
 
 

@@ -1,7 +1,10 @@
 """The worker's web endpoints (Faust's web server, port 8012 by default).
 
-* ``/health``: 200 only when the Kafka broker answers and the tables have recovered
-  (a readiness probe: a worker replaying its changelogs is alive but not ready).
+* ``/readyz`` (and ``/health``, with ``?detail=1`` for the consumer's state): 200 only when
+  the Kafka broker answers and the tables have recovered (the readiness probe: a worker
+  replaying its changelogs is alive but not ready).
+* ``/livez``: 200 while the event loop answers and the app has not crashed, recovering or
+  not (the liveness probe).
 * ``/metrics``: Prometheus text format.
 * ``/orders/{order_id}``: the order from the ``orders`` table, answered by the worker that
   owns the key's partition (Faust forwards the request to it).
@@ -85,6 +88,25 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
     def recovered() -> bool:
         recovery = app.tables.recovery
         return recovery.completed.is_set() and not recovery.in_recovery and not app.rebalancing
+
+    @app.page("/livez")
+    class Live(View):
+        """Liveness: the event loop answers and the app has not crashed.  Never depends on
+        Kafka or on recovery, so a long changelog replay does not get the pod killed."""
+
+        async def get(self, request: Request) -> Response:
+            crashed = app.crashed
+            body = {"status": "crashed" if crashed else "alive", "recovering": not recovered()}
+            if crashed:
+                body["reason"] = repr(app.crash_reason)[:300]
+            return self.json(body, status=503 if crashed else 200)
+
+    @app.page("/readyz")
+    class Ready(View):
+        """Readiness: the same check as ``/health``."""
+
+        async def get(self, request: Request) -> Response:
+            return await Health.get(self, request)  # type: ignore[arg-type]
 
     @app.page("/health")
     class Health(View):

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from app.local import LOCAL_BROKER_ENV, LocalStack, take_ownership  # noqa: E402
+from app.local import LOCAL_BROKER_ENV, LocalStack, free_port, take_ownership  # noqa: E402
 from app.settings import Settings  # noqa: E402
 
 # The suite runs on Apache Kafka (KRaft, the production profile) unless the environment says
@@ -66,4 +66,6 @@ def child_env(stack: LocalStack, tmp_path: Path) -> dict[str, str]:
     env.update(stack.env())
     env["EXECUTION_DATA_DIR"] = str(tmp_path / "data")
     env["PYTHONUNBUFFERED"] = "1"
+    env["EXECUTION_BRIDGE_WEB_PORT"] = str(free_port())  # never a fixed port on a shared machine
+    env["EXECUTION_SINK_WEB_PORT"] = str(free_port())
     return env

@@ -51,13 +51,24 @@ def test_workers_are_a_stateful_set_with_probes_volume_and_hardening():
     sts = next(d for d in docs if d["kind"] == "StatefulSet")
     pod = sts["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    # separate probes: a recovering worker is alive (never killed for a long replay), not ready
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "state"
     assert any(d["kind"] == "PodDisruptionBudget" for d in docs)
     assert any(d["kind"] == "Service" and d["spec"].get("clusterIP") == "None" for d in docs)
+
+
+def test_the_bridge_and_the_sink_have_probes_and_metrics_on_their_port():
+    docs = {d["metadata"]["name"]: d for p in K8S for d in yaml.safe_load_all(p.read_text()) if d["kind"] == "Deployment"}
+    for name, port in (("execution-bridge", 8013), ("execution-sink", 8014)):
+        pod = docs[name]["spec"]["template"]
+        c = pod["spec"]["containers"][0]
+        assert c["ports"] == [{"name": "http", "containerPort": port}]
+        assert (c["readinessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["path"]) == ("/readyz", "/livez")
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
 
 
 def test_a_broken_manifest_is_caught():

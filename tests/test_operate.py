@@ -53,6 +53,9 @@ async def test_two_workers_share_partitions_and_take_over(tmp_path: Path):
         w1, w2 = p.services.running["worker-1"], p.services.running["worker-2"]
         h1, h2 = await wait_health(w1.web_port), await wait_health(w2.web_port)
         assert h1["assigned_partitions"] > 0 and h2["assigned_partitions"] > 0, "partitions are shared"
+        # the probes Kubernetes uses: ready = /health; alive, and not recovering
+        assert (await asyncio.to_thread(get, w1.web_port, "/readyz"))[0] == 200
+        assert (await asyncio.to_thread(get, w1.web_port, "/livez")) == (200, {"status": "alive", "recovering": False})
 
         rng = random.Random(21)
         first = [signal_dict(f"two-{i}", rng, order_type="market", lots=0.1) for i in range(40)]

@@ -403,6 +403,13 @@ class ClickHouseStore:
             names = list(result.column_names)
             return [dict(zip(names, r)) for r in result.result_rows]
 
+    def select(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """An analyst's query, read-only (ClickHouse's ``readonly=2``: no writes, no DDL;
+        settings may change): (column names, rows)."""
+        with self._lock:
+            result = self._client.query(sql, settings={"readonly": 2})
+            return list(result.column_names), [tuple(r) for r in result.result_rows]
+
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         with self._lock:
             return self._client.command(sql, parameters=parameters)

@@ -41,10 +41,13 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import orjson
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from pydantic import BaseModel
 
+from app.http_server import ProbeServer
 from app.kafka_io import end_offsets
 from app.models import DecodeError, Execution, Order, Position, from_json
 from app.settings import Settings
@@ -452,11 +455,52 @@ class ClickHouseSink:
         log.info("clickhouse sink: %d partitions assigned", len(assigned))
 
 
+def sink_web(sink: ClickHouseSink) -> ProbeServer:
+    """The sink's HTTP server: probes, metrics, and ``POST /query`` (``{"sql": "SELECT ..."}``:
+    an analyst's read-only query on the store this process owns, which is the only way to
+    reach an embedded chDB while the sink runs)."""
+
+    async def ready() -> tuple[bool, dict]:
+        running = sink._task is not None and not sink._task.done()
+        store_ok = sink.store is not None and await asyncio.to_thread(sink.store.ping)
+        return running and store_ok, {"consuming": running, "clickhouse": store_ok,
+                                      "dsn": sink.store.dsn if sink.store else None}
+
+    def metrics() -> list:
+        out = [(f"sink_{k}_total", {}, v) for k, v in sorted(sink.stats.items()) if k not in TABLE_ORDER]
+        out += [("sink_rows_total", {"table": t}, sink.stats[t]) for t in TABLE_ORDER]
+        out.append(("sink_pending_records", {}, sink._pending_records))
+        out.append(("sink_failing", {}, int(sink._failing)))
+        return out
+
+    async def query(request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.method == "POST" else dict(request.query)
+            sql = body.get("sql") if isinstance(body, dict) else None
+            if not isinstance(sql, str) or not sql.strip():
+                raise ValueError('expected {"sql": "SELECT ..."}')
+        except ValueError as exc:
+            return web.json_response({"error": f"bad request: {exc}"}, status=400)
+        if sink.store is None:
+            return web.json_response({"error": "ClickHouse is not open yet"}, status=503)
+        try:
+            columns, rows = await asyncio.to_thread(sink.store.select, sql)
+        except Exception as exc:
+            return web.json_response({"error": _short(exc)}, status=400)
+        return web.Response(body=orjson.dumps({"columns": columns, "rows": rows}, default=str),
+                            content_type="application/json")
+
+    s = sink.settings
+    return ProbeServer("sink", s.web_host, s.sink_web_port, ready=ready, metrics=metrics,
+                       routes=[web.post("/query", query), web.get("/query", query)])
+
+
 async def run_sink(settings: Settings) -> None:
     """``execution sink``: run the sink until SIGTERM or SIGINT (awaitable: ``asyncio.run``)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sink = ClickHouseSink(settings)
+    web = await sink_web(sink).start()  # before the store opens: alive while ClickHouse is away
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -474,6 +518,7 @@ async def run_sink(settings: Settings) -> None:
         waiter.cancel()
         log.info("clickhouse sink: stopping")
         await sink.stop()
+        await web.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.remove_signal_handler(sig)
