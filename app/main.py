@@ -41,7 +41,15 @@ positions_agent = positions.register(context)
 notify.register(context)
 web.register(app, runtime, tables)
 INPUTS = [*orders.INPUTS, *positions.INPUTS, *notify.INPUTS]
-watchdog.register(app, settings, INPUTS)
+dog = watchdog.register(app, settings, INPUTS)
+
+
+@app.on_before_shutdown.connect
+async def _close(sender: Any, **kwargs: Any) -> None:
+    """A clean stop closes what the service opened beside Faust: the watchdog's offset probe
+    (else aiokafka logs "Unclosed AIOKafkaConsumer" at exit) and the NATS connection."""
+    await dog.close()
+    await runtime.close()
 
 
 @app.task

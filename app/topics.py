@@ -101,6 +101,8 @@ class TopicSpec:
     compacted: bool = False
     #: Topics read by the same co-partitioned agents must share the partition count.
     copartitioned: bool = True
+    #: A fixed partition count (Faust's leader topic: 1); None: ``topic_partitions``.
+    partitions: int | None = None
 
 
 TOPICS: tuple[TopicSpec, ...] = (
@@ -136,10 +138,13 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None, atte
         # but Apache Kafka can leave a topic created that way out of the group's metadata for
         # a moment, and the worker then joins without its partitions (PartitionsMismatch).
         specs += [TopicSpec(changelog(t, settings), compacted=True) for t in TABLES]
+        # Faust's assignor leader topic, which a worker otherwise creates while joining (its
+        # client logs an ERROR per metadata refresh until the broker serves it).
+        specs.append(TopicSpec(f"{settings.app_id}-__assignor-__leader", copartitioned=False, partitions=1))
     wanted = [
         NewTopic(
             name=t.name,
-            num_partitions=settings.topic_partitions,
+            num_partitions=t.partitions or settings.topic_partitions,
             replication_factor=settings.topic_replication_factor,
             topic_configs={"cleanup.policy": "compact"} if t.compacted else {},
         )
@@ -166,9 +171,13 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None, atte
             # a leader for every partition: return only once they are all served, so callers
             # never see them absent or leaderless.
             unserved = await unserved_topics(admin, [t.name for t in wanted])
-            if not unserved:
-                return
-            raise TopicsNotServed(unserved)
+            if unserved:
+                raise TopicsNotServed(unserved)
+            if names is None:
+                # The group coordinator too: on a new cluster Kafka creates __consumer_offsets
+                # at the first FindCoordinator, and a worker joining meanwhile logs ERRORs.
+                await admin.find_coordinator(f"{settings.app_id}")
+            return
         except Exception as exc:  # (PartitionCountMismatch is a SystemExit) broker not up yet, or new topics not in its metadata yet
             if attempt == attempts - 1:
                 raise

@@ -134,7 +134,8 @@ class Watchdog:
 
     async def close(self) -> None:
         if self._probe is not None:
-            await self._probe.stop()
+            probe, self._probe = self._probe, None
+            await probe.stop()
 
 
 def consumer_state(app: Any, tps: list) -> dict[str, Any]:

@@ -222,3 +222,21 @@ async def test_static_membership_a_quick_restart_keeps_the_group_a_late_one_reba
               f"{quick:.1f}s, no rebalance; SIGKILL, no restart -> worker-2 holds every partition after {late:.1f}s")
     finally:
         p.stop()
+
+
+async def test_a_worker_starts_and_stops_without_an_error_line(stack, settings, tmp_path: Path):
+    """A fresh cluster, a worker started and stopped with SIGTERM: no ERROR line from start
+    (topics, Faust's leader topic and the group coordinator are ready before it joins) to a
+    clean exit (the watchdog's probe consumer and the NATS connection closed)."""
+    from app.local import Services
+    from app.topics import ensure_topics
+
+    await ensure_topics(settings)
+    services = Services(stack, tmp_path, partitions=settings.topic_partitions)
+    worker = await asyncio.to_thread(services.worker, "worker-1")
+    await wait_health(worker.web_port)
+    worker.stop()
+    assert worker.proc.returncode == 0
+    log = worker.log_text()
+    assert "[ERROR]" not in log and "Unclosed" not in log and "Traceback" not in log, \
+        [line for line in log.splitlines() if "ERROR" in line or "Unclosed" in line][:5]
