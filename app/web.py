@@ -11,6 +11,7 @@
 * ``/positions/{account}/{symbol}``: one position, routed the same way;
   ``/positions``: the positions held by this worker's partitions (``worker`` says which).
 * ``/config``: the operational config in force here, and its hub revision.
+* ``/openapi.json``: the OpenAPI 3.1 document of these endpoints (:mod:`app.openapi`).
 * ``POST /orders/{order_id}/cancel``, ``POST /orders/{order_id}/modify``,
   ``POST /positions/{account}/{symbol}/close``: commands, with a bearer token; and the same
   on NATS (``execution.orders.cancel`` ...): :mod:`app.commands_api`.
@@ -25,7 +26,7 @@ from typing import Any
 import faust
 from faust.web import Request, Response, View
 
-from app import commands_api
+from app import commands_api, openapi
 from app.faust_patches import active_partitions, paused_partitions, read_offset, read_offsets
 from app.models import OrderState, position_key, to_dict
 from app.runtime import Runtime
@@ -178,6 +179,11 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
         async def get(self, request: Request) -> Response:
             out = [to_dict(p) for _, p in tables.positions.items()]
             return self.json({"worker": app.conf.canonical_url.host, "positions": out})
+
+    @app.page("/openapi.json")
+    class OpenAPI(View):
+        async def get(self, request: Request) -> Response:
+            return self.json(openapi.document())
 
     @app.page("/config")
     class Config(View):

@@ -390,3 +390,22 @@ async def test_cancel_limit_order_end_to_end(pipe: Pipeline, orders: dict[str, s
     assert final[order_id].state is OrderState.CANCELLED
     status, body = await ahttp(workers(pipe)[1].web_port, "GET", f"/orders/{order_id}", token=None)
     assert status == 200 and body["state"] == "CANCELLED"
+
+
+# ---------------------------------------------------------------------------- the API description
+async def test_the_workers_answer_as_their_openapi_document_says(pipe: Pipeline, tmp_path: Path):
+    """``/openapi.json`` is :func:`app.openapi.document`, and schemathesis, generating requests
+    from it (valid and invalid, with and without the token) against a running worker, finds
+    every answer's status, content type and body as documented and no server error."""
+    from app.openapi import document
+
+    port = workers(pipe)[0].web_port
+    status, served = await ahttp(port, "GET", "/openapi.json", token=None)
+    assert status == 200 and served == json.loads(json.dumps(document()))
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "schemathesis.cli", "run", f"http://127.0.0.1:{port}/openapi.json",
+         "--checks", "all", "--max-examples", "15", "--header", f"Authorization: Bearer {TOKEN}",
+         "--request-timeout", "30", "--seed", "7"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
