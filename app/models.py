@@ -385,6 +385,30 @@ class OrderEvent(Model):
     at: datetime
 
 
+class DeadLetter(Model):
+    """A record of a dead-letter topic (``signals.dlq``, ``fills.dlq``, ``executions.dlq``,
+    ``sink.dlq``) as the ClickHouse table ``dead_letters`` keeps it: where it is, why it is
+    dead (the ``reason`` header) and what it held."""
+
+    topic: str  # the dead-letter topic
+    partition: int
+    offset: int
+    key: str | None = None
+    reason: str  # the ``reason`` header ("" if absent)
+    value: str  # the original bytes, as UTF-8 (undecodable bytes replaced)
+    headers: dict[str, str] = Field(default_factory=dict)  # the others: subject, route, topic, offset...
+    at: datetime  # the record's Kafka timestamp
+
+    @classmethod
+    def of(cls, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+           headers: Any, timestamp_ms: int) -> "DeadLetter":
+        text = {k: (v or b"").decode(errors="replace") for k, v in (headers or ())}
+        return cls(topic=topic, partition=partition, offset=offset,
+                   key=key.decode(errors="replace") if key is not None else None,
+                   reason=text.pop("reason", ""), value=(value or b"").decode(errors="replace"), headers=text,
+                   at=datetime.fromtimestamp(timestamp_ms / 1000, timezone.utc))
+
+
 # --------------------------------------------------------------------------------------
 # Fills applied to orders, and positions
 # --------------------------------------------------------------------------------------

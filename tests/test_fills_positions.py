@@ -150,6 +150,13 @@ async def test_a_few_hundred_signals_fills_vwap_and_positions_agree(pipe: Pipeli
     ch_pos = {f"{r['account']}:{r['symbol']}": to_units(r["net_volume"]) for r in pipe.store.query_dicts("SELECT * FROM positions")}
     for key, units in expected.items():
         assert ch_pos[key] == units, key
+    # ... and every lifecycle event of the archive is a row of its table.
+    archived = {orjson.loads(r.value)["event_id"] for r in await read_topic(pipe.settings, ORDER_EXECUTION_ARCHIVE, idle=0.3)}
+
+    def archive_loaded() -> bool:
+        return {e for (e,) in pipe.store.query("SELECT event_id FROM order_execution_archive")} == archived
+
+    await wait_until(archive_loaded, timeout=60, what="the archive in ClickHouse")
 
 
 async def test_duplicate_out_of_order_and_unknown_fills(pipe: Pipeline):
@@ -183,6 +190,9 @@ async def test_duplicate_out_of_order_and_unknown_fills(pipe: Pipeline):
     assert len((await pipe.executions())[i]) == 2
     dlq = await read_topic(pipe.settings, FILLS_DLQ, idle=0.5)
     assert any(b"unknown order" in r.headers["reason"] and b"Onosuchorder" in r.value for r in dlq)
+    await wait_until(lambda: pipe.store.query(
+        "SELECT count() FROM dead_letters WHERE topic = 'fills.dlq' AND reason LIKE '%unknown order%' "
+        "AND value LIKE '%Onosuchorder%'")[0][0] >= 1, timeout=60, what="the dead letter in ClickHouse")
     archive = [orjson.loads(r.value) for r in await read_topic(pipe.settings, ORDER_EXECUTION_ARCHIVE, idle=0.3)]
     [alert] = [e for e in archive if e["type"] == "slippage_alert" and e["order_id"] == i]
     # the same record on its own topic, which the notifier reads instead of the whole archive
@@ -213,6 +223,9 @@ async def test_reconciliation_finds_an_injected_discrepancy_and_corrects_it(pipe
         found = [orjson.loads(r.value) for r in await read_topic(pipe.settings, POSITIONS_DISCREPANCIES, idle=0.3)]
         d = next(d for d in found if (d["account"], d["symbol"]) == ("acc-9", "GBPUSD"))
         assert d["kind"] == "missing_ours" and d["broker_net_volume"] == pytest.approx(1.5)
+        await wait_until(lambda: pipe.store.query(
+            "SELECT kind, broker_net_volume FROM positions_discrepancies WHERE account = 'acc-9' AND symbol = 'GBPUSD' "
+            "LIMIT 1") == [("missing_ours", 1.5)], timeout=60, what="the discrepancy in ClickHouse")
         archive = [orjson.loads(r.value) for r in await read_topic(pipe.settings, ORDER_EXECUTION_ARCHIVE, idle=0.3)]
         assert any(e["type"] == "position_corrected" and e["symbol"] == "GBPUSD" and e["account"] == "acc-9" for e in archive)
         subjects = {s for s, _ in await pipe.nats_messages("alerts.execution.>", stream="EXECUTION_ALERTS")}

@@ -16,6 +16,12 @@ raw table           engine                                 user-facing view (lat
                     execution_id
 ``positions_log``   ReplacingMergeTree(version)            ``positions``
                     ORDER BY (account, symbol)
+``order_execution_  ReplacingMergeTree ORDER BY event_id   ``order_execution_archive``
+archive_log``
+``positions_discre  ReplacingMergeTree ORDER BY (account,  ``positions_discrepancies``
+pancies_log``       symbol, detected_at, kind)
+``dead_letters_log`` ReplacingMergeTree ORDER BY (topic,   ``dead_letters``
+                    partition, offset)
 ==================  =====================================  ==================================
 
 The sink is at-least-once: a batch may be inserted again after a crash, a failed commit or a
@@ -52,9 +58,11 @@ from enum import Enum
 from typing import Any, Iterable, Sequence
 from urllib.parse import urlparse
 
+import orjson
 from pydantic import BaseModel
 
-from app.models import Execution, Order, Position
+from app.models import DeadLetter, Execution, Order, OrderEvent, Position
+from tables.reconcile import Discrepancy
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +256,70 @@ POSITIONS = Table(
     ),
 )
 
-TABLES: tuple[Table, ...] = (ORDERS, EXECUTIONS, POSITIONS)
+ARCHIVE = Table(
+    name="order_execution_archive",
+    log_table="order_execution_archive_log",
+    model=OrderEvent,
+    order_by="event_id",
+    version=None,
+    comment="Every lifecycle event from the order_execution_archive topic (the audit trail), one row per event_id",
+    columns=(
+        Column("event_id", "String", "{order_id}:{version}:{type}: replays give the same id"),
+        Column("type", "LowCardinality(String)", "created, transition, refused, fill, slippage_alert, command_*, ..."),
+        Column("order_id", "String", "'' for an event of a position (position_corrected)"),
+        Column("signal_id", "String"),
+        Column("symbol", "LowCardinality(String)"),
+        Column("account", "LowCardinality(String)"),
+        Column("from_state", "Nullable(String)"),
+        Column("to_state", "Nullable(String)"),
+        Column("reason", "Nullable(String)"),
+        Column("detail", "String", "JSON: the event's details (JSONExtract* reads them)"),
+        Column("at", DT),
+    ),
+)
+
+DISCREPANCIES = Table(
+    name="positions_discrepancies",
+    log_table="positions_discrepancies_log",
+    model=Discrepancy,
+    order_by="(account, symbol, detected_at, kind)",
+    version=None,
+    comment="Reconciliation findings from the positions.discrepancies topic: ours vs the broker's net position",
+    columns=(
+        Column("account", "LowCardinality(String)"),
+        Column("symbol", "LowCardinality(String)"),
+        Column("kind", "LowCardinality(String)", "mismatch | missing_ours | missing_broker"),
+        Column("ours_net_volume", "Float64", "lots"),
+        Column("broker_net_volume", "Float64", "lots"),
+        Column("difference", "Float64", "broker - ours"),
+        Column("ours_avg_price", "Nullable(Float64)"),
+        Column("broker_avg_price", "Nullable(Float64)"),
+        Column("broker_deals", "Array(Int64)", "the deal tickets the broker's position is made of"),
+        Column("broker_ticket", "Nullable(Int64)"),
+        Column("detected_at", DT),
+    ),
+)
+
+DEAD_LETTERS = Table(
+    name="dead_letters",
+    log_table="dead_letters_log",
+    model=DeadLetter,
+    order_by="(topic, partition, offset)",
+    version=None,
+    comment="Records of the dead-letter topics (signals.dlq, fills.dlq, executions.dlq, sink.dlq) and why",
+    columns=(
+        Column("topic", "LowCardinality(String)", "the dead-letter topic"),
+        Column("partition", "Int64"),
+        Column("offset", "Int64"),
+        Column("key", "Nullable(String)"),
+        Column("reason", "String", "why it is dead (the reason header)"),
+        Column("value", "String", "the original payload (UTF-8, undecodable bytes replaced)"),
+        Column("headers", "String", "JSON: the other headers (subject, route, the source topic/offset, ...)"),
+        Column("at", DT, "the dead letter's Kafka timestamp"),
+    ),
+)
+
+TABLES: tuple[Table, ...] = (ORDERS, EXECUTIONS, POSITIONS, ARCHIVE, DISCREPANCIES, DEAD_LETTERS)
 TABLES_BY_NAME = {t.name: t for t in TABLES}
 
 
@@ -260,6 +331,8 @@ TABLES_BY_NAME = {t.name: t for t in TABLES}
 def _cell(value: Any, col: Column) -> Any:
     if isinstance(value, Enum):
         return value.value
+    if isinstance(value, dict):  # a JSON String column (an event's detail, headers)
+        return orjson.dumps(value, default=str).decode()
     if isinstance(value, tuple):
         value = list(value)
     if isinstance(value, datetime) and value.tzinfo is None:
@@ -286,7 +359,7 @@ def to_row(table: Table, model: BaseModel) -> list[Any]:
 
 
 class ClickHouseStore:
-    """The ``orders``, ``executions`` and ``positions`` tables over one clickhouse-connect client.
+    """The tables of :data:`TABLES` over one clickhouse-connect client.
 
     Thread-safe (one lock around the client): the sink inserts from a worker thread while
     the demo or a test queries.
@@ -382,12 +455,8 @@ class ClickHouseStore:
         return self._insert(POSITIONS, positions)
 
     def insert(self, table: str, models: Sequence[BaseModel]) -> int:
-        """Insert into ``orders`` / ``executions`` / ``positions`` by name."""
-        return {
-            "orders": self.insert_orders,
-            "executions": self.insert_executions,
-            "positions": self.insert_positions,
-        }[table](models)  # type: ignore[operator]
+        """Insert into a table of :data:`TABLES` by name."""
+        return self._insert(TABLES_BY_NAME[table], models)
 
     # --- queries ------------------------------------------------------------------------
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:

@@ -1,4 +1,8 @@
-"""The ClickHouse sink: ``orders.status``, ``executions`` and ``positions`` into ClickHouse.
+"""The ClickHouse sink: the derived topics into ClickHouse, so every lifecycle event is
+queryable: ``orders.status``, ``executions`` and ``positions`` (the tables of the same names),
+``order_execution_archive`` (table ``order_execution_archive``), ``positions.discrepancies``
+(``positions_discrepancies``) and the dead-letter topics (``dead_letters``, one row per dead
+letter with its reason).
 
 A plain aiokafka consumer (group ``{app_id}-clickhouse-sink``, manual commits), not a Faust
 agent: it only loads derived topics, so it needs no tables, and it must control exactly when
@@ -49,30 +53,49 @@ from pydantic import BaseModel
 
 from app.http_server import ProbeServer
 from app.kafka_io import end_offsets
-from app.models import DecodeError, Execution, Order, Position, from_json
+from app.models import DeadLetter, DecodeError, Execution, Order, OrderEvent, Position, from_json
 from app.settings import Settings
 from app.sinks.clickhouse import TABLES_BY_NAME, ClickHouseStore, to_row
-from app.topics import EXECUTIONS, ORDERS_STATUS, POSITIONS, SINK_DLQ, ensure_topics
+from app.topics import (
+    EXECUTIONS,
+    EXECUTIONS_DLQ,
+    FILLS_DLQ,
+    ORDER_EXECUTION_ARCHIVE,
+    ORDERS_STATUS,
+    POSITIONS,
+    POSITIONS_DISCREPANCIES,
+    SIGNALS_DLQ,
+    SINK_DLQ,
+    ensure_topics,
+)
+from tables.reconcile import Discrepancy
 
 log = logging.getLogger(__name__)
 
-#: Source topic -> (table, model).
-SOURCES: dict[str, tuple[str, type[BaseModel]]] = {
+#: Source topic -> (table, model of its JSON records; None: a dead-letter topic, whose
+#: records are stored as they are, with their headers).
+SOURCES: dict[str, tuple[str, type[BaseModel] | None]] = {
     ORDERS_STATUS: ("orders", Order),
     EXECUTIONS: ("executions", Execution),
     POSITIONS: ("positions", Position),
+    ORDER_EXECUTION_ARCHIVE: ("order_execution_archive", OrderEvent),
+    POSITIONS_DISCREPANCIES: ("positions_discrepancies", Discrepancy),
+    **{dlq: ("dead_letters", None) for dlq in (SIGNALS_DLQ, FILLS_DLQ, EXECUTIONS_DLQ, SINK_DLQ)},
 }
-TABLE_ORDER = ("orders", "executions", "positions")
+TABLE_ORDER = ("orders", "executions", "positions", "order_execution_archive", "positions_discrepancies", "dead_letters")
 #: Longest single wait in ``getmany``: bounds how long a stop takes to be noticed.
 MAX_POLL_WAIT = 0.5
 
 
-def decode(topic: str, value: bytes | None) -> tuple[str, BaseModel]:
-    """(table, model) of a record; :class:`DecodeError` / ValueError for a bad one."""
-    table, model = SOURCES[topic]
-    if value is None:
+def decode(m: Any) -> tuple[str, BaseModel]:
+    """(table, model) of a consumer record; :class:`DecodeError` / ValueError for a bad one."""
+    table, model = SOURCES[m.topic]
+    if model is None:  # a dead letter: any bytes are one
+        obj: BaseModel = DeadLetter.of(m.topic, m.partition, m.offset, m.key, m.value, m.headers, m.timestamp)
+    elif m.value is None:
         raise DecodeError("empty value (tombstone) on a topic of snapshots", ["<payload>"])
-    obj = from_json(model, value)
+    else:
+        obj = from_json(model, m.value)
     to_row(TABLES_BY_NAME[table], obj)  # storable (e.g. integers in range), or ValueError
     return table, obj
 
@@ -153,7 +176,7 @@ class ClickHouseSink:
             return
         self._stopping = False
         await self._open_store()
-        await ensure_topics(self.settings, [ORDERS_STATUS, EXECUTIONS, POSITIONS, SINK_DLQ])
+        await ensure_topics(self.settings, list(SOURCES))
         s = self.settings
         self._producer = AIOKafkaProducer(**s.producer_options(), client_id=f"{s.app_id}-clickhouse-sink")
         await self._producer.start()
@@ -167,7 +190,7 @@ class ClickHouseSink:
             rebalance_timeout_ms=int(s.effective("broker_rebalance_timeout") * 1000),
             heartbeat_interval_ms=int(s.effective("broker_heartbeat_interval") * 1000),
         )
-        self._consumer.subscribe([ORDERS_STATUS, EXECUTIONS, POSITIONS], listener=_Listener(self))
+        self._consumer.subscribe(list(SOURCES), listener=_Listener(self))
         await self._consumer.start()
         self._task = asyncio.create_task(self._loop(), name="clickhouse-sink")
         log.info("clickhouse sink started: group %s, batch %d / %.2fs -> %s",
@@ -344,7 +367,7 @@ class ClickHouseSink:
     async def _accept(self, m: Any, generation: int) -> bool:
         tp = TopicPartition(m.topic, m.partition)
         try:
-            table, obj = decode(m.topic, m.value)
+            table, obj = decode(m)
         except (DecodeError, ValueError) as exc:
             reason = exc.reason if isinstance(exc, DecodeError) else str(exc)
             if not await self._dead_letter(m, reason, generation):
@@ -371,7 +394,7 @@ class ClickHouseSink:
             try:
                 assert self._producer is not None
                 await self._producer.send_and_wait(SINK_DLQ, value=m.value, key=m.key, headers=headers)
-                self.stats["dead_letters"] += 1
+                self.stats["dead_lettered"] += 1
                 log.warning("clickhouse sink: %s[%d]@%d -> %s: %s", m.topic, m.partition, m.offset, SINK_DLQ, reason[:200])
                 return self._generation == generation
             except Exception as exc:
