@@ -344,6 +344,9 @@ class Order(Model):
     filled_volume: float = 0.0
     avg_fill_price: float | None = None  # volume-weighted over applied fills
     slippage_pips: float | None = None  # of avg_fill_price vs expected_price, + = adverse
+    #: The broker's touch when the order went out (ask for a buy, bid for a sell, from its
+    #: answer to the submission): the arrival price of transaction-cost analysis.
+    arrival_price: float | None = None
     deals: tuple[int, ...] = ()  # broker deal tickets applied: a repeated one is a duplicate
     broker_ticket: int | None = None
     retcode: int | None = None

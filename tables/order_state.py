@@ -101,6 +101,7 @@ ALLOWED_UPDATES: frozenset[str] = frozenset(
         "updated_at",
         "filled_at",
         "broker_ticket",
+        "arrival_price",
         "retcode",
         "attempts",
         "reason",

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.models import EventType, Order, OrderState
+from app.models import EventType, Order, OrderState, Side
 from app.mt5.contract import Outcome, Retcode, classify
 
 #: Broker order states (``OrderStatus.state``) and the event each implies for our order.
@@ -51,6 +51,9 @@ def on_submit_result(order: Order, payload: dict[str, Any], attempt: int) -> Ste
         # A late or repeated answer: the order already moved on (fills, a status check).
         return Step(None, f"reply for an order already {order.state.value}")
     updates: dict[str, Any] = {"attempts": max(order.attempts, attempt)}
+    bid, ask = payload.get("bid") or 0.0, payload.get("ask") or 0.0
+    if bid > 0 and ask > 0 and order.arrival_price is None:
+        updates["arrival_price"] = float(ask if order.side is Side.BUY else bid)
     if payload.get("refused"):  # the client would not resend (the slippage cap)
         if payload.get("retcode"):
             updates["retcode"] = int(payload["retcode"])

@@ -176,6 +176,7 @@ ORDERS = Table(
         Column("filled_volume", "Float64", "lots"),
         Column("avg_fill_price", "Nullable(Float64)", "volume-weighted over applied fills (the view also names it fill_price)"),
         Column("slippage_pips", "Nullable(Float64)", "of avg_fill_price vs expected_price, " + SLIPPAGE_COMMENT),
+        Column("arrival_price", "Nullable(Float64)", "the broker's touch when the order went out (ask: buy, bid: sell)"),
         Column("deals", "Array(Int64)", "broker deal tickets applied"),
         Column("broker_ticket", "Nullable(Int64)"),
         Column("retcode", "Nullable(Int64)"),

@@ -138,6 +138,18 @@ def test_cap_refusal_rejects_the_order():
     assert step.updates["attempts"] == 2
 
 
+def test_the_submission_answer_records_the_arrival_price():
+    answer = {"retcode": 10009, "order": 7, "bid": 1.10010, "ask": 1.10022}
+    buy = on_submit_result(make(state=OrderState.PENDING), answer, 1)
+    sell = on_submit_result(make(state=OrderState.PENDING, side="sell"), answer, 1)
+    assert (buy.updates["arrival_price"], sell.updates["arrival_price"]) == (1.10022, 1.10010)  # the touch
+    no_quote = on_submit_result(make(state=OrderState.PENDING), {"no_reply": True}, 1)
+    assert "arrival_price" not in no_quote.updates
+    # the state machine takes it (the orders agent applies the step's updates with the event)
+    submitted = order_state.apply(make(state=OrderState.PENDING), buy.event_type, T0, **buy.updates).order
+    assert (submitted.state, submitted.arrival_price) == (OrderState.SUBMITTED, 1.10022)
+
+
 def test_reduce_only():
     buy = make(side="buy")  # 1 lot
     assert reduce_only_refusal(buy, -2.0) == ""
