@@ -280,6 +280,7 @@ class OrdersAgent:
             alert_json = to_json(alert)
             outputs += [(ORDER_EXECUTION_ARCHIVE, order.order_id, alert_json, None),
                         (SLIPPAGE_ALERTS, order.order_id, alert_json, None)]
+            self.rt.metrics.inc("slippage_alerts", symbol=order.symbol)
         b.emit(*outputs)
         b.put(self.t.orders, order.order_id, new_order)
         self.rt.metrics.inc("fills", symbol=order.symbol)

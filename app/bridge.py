@@ -336,9 +336,9 @@ def bridge_web(bridge: Bridge) -> ProbeServer:
         return nats_ok and routes_ok, {"nats": nats_ok, "routes_running": routes_ok}
 
     def metrics() -> list:
-        st = bridge.stats
-        out = [("bridge_forwarded_total", {"topic": t}, n) for t, n in sorted(st.forwarded.items())]
-        out += [("bridge_dead_letters_total", {"topic": t}, n) for t, n in sorted(st.dead_lettered.items())]
+        st = bridge.stats  # every route's topics from 0, so rate() and alerts see them before traffic
+        out = [("bridge_forwarded_total", {"topic": r.topic}, st.forwarded[r.topic]) for r in bridge.routes]
+        out += [("bridge_dead_letters_total", {"topic": r.dlq_topic}, st.dead_lettered[r.dlq_topic]) for r in bridge.routes]
         out.append(("bridge_produce_retries_total", {}, st.produce_retries))
         return out
 

@@ -59,6 +59,33 @@ class Histogram:
         return out
 
 
+#: Every counter a worker exports (``execution_<name>_total``), with its help text: /metrics
+#: lists each from the start (at 0), so dashboards and alert rules never meet a missing
+#: series, and the tests check the rules in ``k8s/`` use only these names.
+COUNTERS: dict[str, str] = {
+    "orders_created": "orders created from approved signals",
+    "order_transitions": "order state transitions, by the state reached",
+    "duplicate_signals": "signals seen again (redelivery, replay) and not executed again",
+    "submissions": "trade requests sent to the broker",
+    "fills": "broker deals applied to orders",
+    "duplicate_fills": "deals seen again (their ticket already applied)",
+    "unknown_fills": "deals for no known order (to fills.dlq)",
+    "foreign_deals": "deals of another magic number (manual trades), reported, not merged",
+    "position_exits": "exits (SL, TP, stop-out, closes) applied to positions",
+    "slippage_alerts": "fills whose slippage was above the alert threshold",
+    "stuck_orders_checked": "orders asked about at the broker after no news for the stuck-order timeout",
+    "commands_accepted": "cancel, modify and close commands accepted",
+    "commands_refused": "commands the order's state refused",
+    "dead_letters": "input records dead-lettered, by dead-letter topic",
+    "nats_published": "order snapshots and alerts published to NATS",
+    "reconciliations": "position reconciliations run against the broker",
+    "reconciliations_failed": "reconciliations that could not get the broker's snapshot",
+    "reconciliation_discrepancies": "differences between our positions and the broker's",
+    "reconciliation_foreign_positions": "broker positions of another magic number (not ours)",
+    "positions_corrected": "positions set to the broker's by auto-correction",
+}
+
+
 @dataclass
 class Metrics:
     """Process-local counters (Prometheus counters are per process too)."""
@@ -68,6 +95,8 @@ class Metrics:
     slippage: dict[str, Histogram] = field(default_factory=dict)
 
     def inc(self, name: str, n: int = 1, **labels: str) -> None:
+        if name not in COUNTERS:
+            raise ValueError(f"undeclared counter {name!r}: add it to app.runtime.COUNTERS")
         self.counters[(name, tuple(sorted(labels.items())))] += n
 
     def observe_slippage(self, symbol: str, pips: float) -> None:

@@ -29,7 +29,7 @@ from faust.web import Request, Response, View
 from app import commands_api, openapi
 from app.faust_patches import active_partitions, paused_partitions, read_offset, read_offsets
 from app.models import OrderState, position_key, to_dict
-from app.runtime import Runtime
+from app.runtime import COUNTERS, Runtime
 from tables.definitions import Tables
 
 
@@ -45,7 +45,9 @@ def prometheus(rt: Runtime, extra: list[tuple[str, dict[str, str], float]]) -> s
     by_name: dict[str, list[tuple[tuple, float]]] = {}
     for (name, labels), value in sorted(rt.metrics.counters.items()):
         by_name.setdefault(name, []).append((labels, value))
-    for name, series in by_name.items():
+    for name, help_text in COUNTERS.items():
+        series = by_name.get(name) or [((), 0)]  # declared counters show from the start
+        lines.append(f"# HELP execution_{name}_total {help_text}")
         lines.append(f"# TYPE execution_{name}_total counter")
         for labels, value in series:
             lines.append(f"execution_{name}_total{_labels(labels)} {value}")
@@ -151,6 +153,8 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
             for state, n in states.items():
                 if not OrderState(state).is_final:
                     extra.append(("open_orders", {"state": state}, n))
+            ready = await broker_reachable() and recovered()
+            extra.append(("ready", {}, int(ready)))  # 1 when /readyz answers 200
             extra.append(("config_revision", {}, rt.hub.revision))
             extra.append(("config_rejected", {}, rt.hub.rejected))
             return self.text(prometheus(rt, extra), content_type="text/plain; version=0.0.4")

@@ -133,3 +133,19 @@ class FlakyStore(ClickHouseStore):
     def insert(self, table, models):  # the sink's one way in
         self._maybe_fail(self.orders_down if table == "orders" else self.others_down)
         return super().insert(table, models)
+
+
+def monitoring_metric_names() -> set[str]:
+    """The metric names the alert rules and the Grafana dashboard in ``k8s/`` use (histogram
+    series reduced to their family: ``_bucket``/``_sum``/``_count`` stripped)."""
+    import re
+    from pathlib import Path
+
+    k8s = Path(__file__).resolve().parent.parent / "k8s"
+    text = (k8s / "prometheus-rules.yaml").read_text() + (k8s / "grafana-dashboard.json").read_text()
+    return {re.sub(r"_(bucket|sum|count)$", "", n) for n in re.findall(r"\bexecution_[a-z_]+\b", text)}
+
+
+def exported_names(exposition: str) -> set[str]:
+    """The metric families of a Prometheus text exposition (from its ``# TYPE`` lines)."""
+    return {line.split()[2] for line in exposition.splitlines() if line.startswith("# TYPE ")}

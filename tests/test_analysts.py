@@ -21,7 +21,7 @@ from app.local import Services, free_port
 from app.sample import signal_dict
 from app.settings import Settings
 from app.topics import ensure_topics
-from support import wait_until
+from support import exported_names, monitoring_metric_names, wait_until
 from test_clickhouse_sink import execution_records, order_records, produce
 
 pytestmark = pytest.mark.slow
@@ -81,6 +81,8 @@ async def test_sql_while_the_sink_runs(stack, settings: Settings, tmp_path: Path
         status, metrics = await asyncio.to_thread(get, sink.web_port, "/metrics")
         assert status == 200 and 'execution_sink_rows_total{table="executions"} 5' in metrics
         assert "# TYPE execution_sink_rows_total counter" in metrics
+        sink_used = {n for n in monitoring_metric_names() if n.startswith("execution_sink_")}
+        assert sink_used and sink_used <= exported_names(metrics)
     finally:
         services.stop_all()
 
@@ -107,5 +109,8 @@ async def test_the_bridge_has_probes_and_counts_what_it_forwards(stack, settings
                     and 'execution_bridge_dead_letters_total{topic="signals.dlq"} 1' in text)
 
         await wait_until(counted, timeout=30, what="the bridge's counters")
+        _, text = await asyncio.to_thread(get, bridge.web_port, "/metrics")
+        bridge_used = {n for n in monitoring_metric_names() if n.startswith("execution_bridge_")}
+        assert bridge_used and bridge_used <= exported_names(text)
     finally:
         services.stop_all()

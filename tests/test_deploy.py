@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-K8S = sorted((ROOT / "k8s").glob("*.yaml"))
+#: Kubernetes' own kinds (the PrometheusRule is a CRD: checked by its own test below).
+K8S = sorted(p for p in (ROOT / "k8s").glob("*.yaml") if p.name != "prometheus-rules.yaml")
 
 
 def compose_schema() -> dict:
@@ -77,3 +78,88 @@ def test_a_broken_manifest_is_caught():
     with pytest.raises(Exception):
         utils.validate({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
                         "spec": {"replicas": "two"}}, utils.latest_version(), strict=True)
+
+
+# --------------------------------------------------------------------------- monitoring
+PROMQL_FUNCTIONS = {"sum", "max", "min", "avg", "count", "rate", "increase", "histogram_quantile", "by", "without",
+                    "and", "or", "unless", "humanize", "absent"}
+
+
+def promql_problems(expr: str) -> list[str]:
+    """A small offline lint of a PromQL expression (no Prometheus here): balanced brackets,
+    known functions, valid range durations, metric names of this service."""
+    import re
+
+    problems = []
+    pairs = {")": "(", "]": "[", "}": "{"}
+    stack = []
+    for ch in re.sub(r'"[^"]*"', '""', expr):
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in pairs:
+            if not stack or stack.pop() != pairs[ch]:
+                problems.append(f"unbalanced {ch!r}")
+    if stack:
+        problems.append(f"unclosed {stack}")
+    for fn in re.findall(r"\b([a-z_]+)\s*\(", expr):
+        if fn not in PROMQL_FUNCTIONS:
+            problems.append(f"unknown function {fn!r}")
+    for rng in re.findall(r"\[([^\]]+)\]", expr):
+        if not re.fullmatch(r"\d+[smhd]|\$__rate_interval", rng):
+            problems.append(f"bad range [{rng}]")
+    return problems
+
+
+def test_the_alert_rules_are_a_valid_prometheus_rule():
+    import jsonschema
+
+    doc = yaml.safe_load((ROOT / "k8s" / "prometheus-rules.yaml").read_text())
+    rule = {"type": "object", "required": ["alert", "expr", "labels", "annotations"], "additionalProperties": False,
+            "properties": {"alert": {"type": "string", "pattern": "^[A-Z][A-Za-z]+$"}, "expr": {"type": "string"},
+                           "for": {"type": "string", "pattern": r"^\d+[smh]$"},
+                           "labels": {"type": "object", "required": ["severity"],
+                                      "properties": {"severity": {"enum": ["warning", "critical"]}}},
+                           "annotations": {"type": "object", "required": ["summary", "description"]}}}
+    schema = {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+              "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+                             "spec": {"type": "object", "required": ["groups"], "properties": {"groups": {
+                                 "type": "array", "minItems": 1, "items": {
+                                     "type": "object", "required": ["name", "rules"],
+                                     "properties": {"rules": {"type": "array", "minItems": 1, "items": rule}}}}}}}}
+    jsonschema.validate(doc, schema)
+    rules = [r for g in doc["spec"]["groups"] for r in g["rules"]]
+    assert len({r["alert"] for r in rules}) == len(rules)
+    for r in rules:
+        assert promql_problems(r["expr"]) == [], (r["alert"], promql_problems(r["expr"]))
+    # what ops asked to be alerted on
+    alerts = {r["alert"] for r in rules}
+    assert {"ExecutionSlippageAboveThreshold", "ExecutionPositionDiscrepancy", "ExecutionDeadLetters",
+            "ExecutionConsumerLag", "ExecutionStuckOrders", "ExecutionWorkerNotReady"} <= alerts
+
+
+def test_the_grafana_dashboard_is_valid_and_its_queries_lint():
+    dash = json.loads((ROOT / "k8s" / "grafana-dashboard.json").read_text())
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 36
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)) >= 10
+    for p in dash["panels"]:
+        assert p["type"] in {"timeseries", "stat"} and p["title"]
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0
+        assert p["targets"] and all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"])
+        for t in p["targets"]:
+            assert promql_problems(t["expr"]) == [], (p["title"], t["expr"])
+
+
+def test_the_monitoring_uses_only_metrics_the_service_exports():
+    """Names checked here against what the code declares; tests/test_operate.py and
+    tests/test_analysts.py check them against live /metrics of a worker, the bridge and the sink."""
+    from app.runtime import COUNTERS
+    from support import monitoring_metric_names
+
+    worker = {f"execution_{n}_total" for n in COUNTERS} | {
+        "execution_slippage_pips", "execution_consumer_lag", "execution_open_orders", "execution_ready",
+        "execution_config_revision", "execution_config_rejected"}
+    bridge_sink = {"execution_bridge_forwarded_total", "execution_bridge_dead_letters_total",
+                   "execution_sink_rows_total", "execution_sink_dead_lettered_total", "execution_sink_pending_records"}
+    assert monitoring_metric_names() <= worker | bridge_sink, monitoring_metric_names() - worker - bridge_sink

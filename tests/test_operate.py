@@ -18,6 +18,7 @@ import pytest
 from app.models import OrderState
 from app.sample import REFERENCE, signal_dict
 from pipeline import TEST_CONFIG, Pipeline
+from support import exported_names, monitoring_metric_names
 from tables.idempotency import order_id_for
 
 pytestmark = pytest.mark.slow
@@ -56,6 +57,11 @@ async def test_two_workers_share_partitions_and_take_over(tmp_path: Path):
         # the probes Kubernetes uses: ready = /health; alive, and not recovering
         assert (await asyncio.to_thread(get, w1.web_port, "/readyz"))[0] == 200
         assert (await asyncio.to_thread(get, w1.web_port, "/livez")) == (200, {"status": "alive", "recovering": False})
+        # every worker metric the alert rules and the dashboard use is on a live /metrics
+        with urllib.request.urlopen(f"http://127.0.0.1:{w1.web_port}/metrics", timeout=10) as r:
+            live = exported_names(r.read().decode())
+        used = {n for n in monitoring_metric_names() if not n.startswith(("execution_bridge_", "execution_sink_"))}
+        assert used <= live, used - live
 
         rng = random.Random(21)
         first = [signal_dict(f"two-{i}", rng, order_type="market", lots=0.1) for i in range(40)]

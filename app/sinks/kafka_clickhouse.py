@@ -490,8 +490,9 @@ def sink_web(sink: ClickHouseSink) -> ProbeServer:
                                       "dsn": sink.store.dsn if sink.store else None}
 
     def metrics() -> list:
-        out = [(f"sink_{k}_total", {}, v) for k, v in sorted(sink.stats.items()) if k not in TABLE_ORDER]
-        out += [("sink_rows_total", {"table": t}, sink.stats[t]) for t in TABLE_ORDER]
+        counters = ("records", "flushes", "dead_lettered", "insert_failures", "commit_failures")
+        out = [(f"sink_{k}_total", {}, sink.stats.get(k, 0)) for k in counters]  # all of them, from 0
+        out += [("sink_rows_total", {"table": t}, sink.stats.get(t, 0)) for t in TABLE_ORDER]
         out.append(("sink_pending_records", {}, sink._pending_records))
         out.append(("sink_failing", {}, int(sink._failing)))
         return out

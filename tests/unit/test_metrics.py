@@ -54,3 +54,16 @@ def test_slippage_histogram_counts_every_observation_forever():
         g_buckets, g_total, g_count = histogram(text, "GBPUSD")
         assert g_count == scrape + 1 and g_total == pytest.approx(-0.7 * (scrape + 1))
         assert dict(g_buckets)[-1.0] == 0 and dict(g_buckets)[-0.5] == scrape + 1
+
+
+def test_every_declared_counter_is_exported_from_the_start_and_others_are_refused():
+    from app.runtime import COUNTERS
+
+    m = Metrics()
+    m.inc("fills", symbol="EURUSD")
+    text = prometheus(SimpleNamespace(metrics=m), [])
+    for name in COUNTERS:
+        assert f"# TYPE execution_{name}_total counter" in text
+    assert 'execution_fills_total{symbol="EURUSD"} 1' in text and "execution_orders_created_total 0" in text
+    with pytest.raises(ValueError, match="undeclared counter"):
+        m.inc("filsl")
