@@ -11,8 +11,10 @@ transaction-cost report.  Ctrl-C stops everything.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import signal
+import sys
 import tempfile
 import time
 import urllib.request
@@ -85,6 +87,43 @@ def build_traffic(n: int, seed: int, quotes: dict[str, float]) -> tuple[list[tup
     return items, mix
 
 
+class Progress:
+    """One line that fills as work is done: redrawn in place on a terminal, printed at each
+    quarter otherwise (a log file, CI)."""
+
+    def __init__(self, label: str, total: int, width: int = 30) -> None:
+        self.label, self.total, self.width = label, max(1, total), width
+        self.tty = sys.stdout.isatty()
+        self._quarter = -1
+
+    def update(self, done: int, note: str = "") -> None:
+        frac = min(1.0, done / self.total)
+        if self.tty:
+            bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
+            sys.stdout.write(f"\r  {self.label} [{bar}] {done}/{self.total} {note}\033[K")
+            sys.stdout.flush()
+        elif int(frac * 4) > self._quarter:
+            self._quarter = int(frac * 4)
+            print(f"  {self.label} {done}/{self.total} {note}".rstrip(), flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def log_to_file(path: Path) -> None:
+    """The demo's own libraries (aiokafka, the sink, chDB's client) log to ``path``, so the
+    console shows the demo's progress and summary only."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 async def _publish(nats_url: str, items: list[tuple[str, bytes]], rate: float) -> None:
     from app.bridge import ensure_stream
 
@@ -92,7 +131,7 @@ async def _publish(nats_url: str, items: list[tuple[str, bytes]], rate: float) -
     js = nc.jetstream()
     await ensure_stream(js, "SIGNALS_APPROVED", ["signals.approved.>"])
     start = time.monotonic()
-    step = max(1, len(items) // 10)
+    progress = Progress("publishing", len(items))
     for i, (subject, data) in enumerate(items):
         if subject.startswith("signals.approved."):
             await js.publish(subject, data)
@@ -101,8 +140,8 @@ async def _publish(nats_url: str, items: list[tuple[str, bytes]], rate: float) -
         delay = start + (i + 1) / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        if (i + 1) % step == 0 or i + 1 == len(items):
-            print(f"  published {i + 1}/{len(items)}", flush=True)
+        progress.update(i + 1)
+    progress.done()
     await nc.flush()
     await nc.close()
 
@@ -204,16 +243,19 @@ async def run(signals: int, rate: float, seed: int, workdir: Path) -> int:
 async def _wait_idle(store, expected_orders: int, idle_for: float = 4.0, timeout: float = 300.0) -> None:
     """Until ClickHouse holds every order and nothing changed for ``idle_for`` seconds."""
     last, since, deadline = None, time.monotonic(), time.monotonic() + timeout
+    progress = Progress("orders in ClickHouse", expected_orders)
     while time.monotonic() < deadline:
         rows = store.query("SELECT state, count() FROM orders GROUP BY state ORDER BY state")
         now = tuple(rows)
         total = sum(n for _, n in rows)
         if now != last:
             last, since = now, time.monotonic()
-            print(f"  orders in ClickHouse: {total}/{expected_orders} {dict(rows)}", flush=True)
+            progress.update(total, " ".join(f"{s} {n}" for s, n in rows))
         elif total >= expected_orders and time.monotonic() - since >= idle_for:
+            progress.done()
             return
         await asyncio.sleep(0.5)
+    progress.done()
     print("  (timed out waiting for the pipeline to go idle)", flush=True)
 
 
@@ -265,6 +307,7 @@ async def _summary(settings: Settings, store, nats_url: str, web_port: int, mix:
 def run_demo(signals: int = 300, rate: float = 100.0, seed: int = 42, workdir: Path | None = None) -> int:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="execution-demo-"))
     print(f"execution demo: {signals} signals at {rate}/s, seed {seed}; logs in {workdir}", flush=True)
+    log_to_file(workdir / "demo.log")
 
     def _terminate(*_: object) -> None:
         raise KeyboardInterrupt

@@ -167,8 +167,15 @@ def test_the_demo_command_runs_end_to_end(tmp_path: Path):
     assert "reconciliation: ClickHouse positions vs broker: 0 discrepancies" in out
     assert "dead letters:" in out
     assert "forwarded: 0" in out
+    assert "internal error" not in out  # no record dead-lettered by a bug
     report = out.split("transaction-cost report:")[-1].strip().splitlines()[0]
-    assert Path(report).read_text().count("<svg") >= 3
+    from app.report import CHARTS
+
+    assert all(f'id="chart-{i}"' in Path(report).read_text() for i in range(CHARTS))
+    # the console shows the demo's progress and summary; the libraries log to a file
+    assert " INFO " not in out and "aiokafka" not in out
+    logs = Path(out.split("logs in ")[1].split()[0])
+    assert "aiokafka" in (logs / "demo.log").read_text()
 
 
 async def test_static_membership_a_quick_restart_keeps_the_group_a_late_one_rebalances(tmp_path: Path):
