@@ -28,6 +28,7 @@ from typing import Any
 import faust
 from faust.streams import _current_event
 
+from app import retry
 from app.runtime import Runtime
 from app.topics import MAX_REASON_BYTES, dead_letter_value
 from tables.definitions import Tables
@@ -88,16 +89,7 @@ async def send_all(ctx: Context, records: list[Out]) -> None:
 async def until_done(what: str, step: Callable[[], Awaitable[Any]]) -> Any:
     """Await ``step()`` until it succeeds, backing off 0.2 s doubling to 5 s: for effects that
     must not be dropped while a broker (Kafka, NATS) is away; ``step`` must be safe to repeat."""
-    delay = 0.2
-    while True:
-        try:
-            return await step()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("%s: not acknowledged (%s: %s); again in %.1fs", what, type(exc).__name__, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    return await retry.until_done(f"{what}: not acknowledged", step, initial=0.2, maximum=5.0, logger=log)
 
 
 _DELETED = object()

@@ -51,6 +51,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel
 
+from app import retry
 from app.http_server import ProbeServer
 from app.models import ApprovedSignal, DecodeError, Fill, from_json
 from app.settings import Settings
@@ -214,6 +215,15 @@ class Bridge:
             self._tasks.append(asyncio.create_task(self._run_route(route, sub), name=route.name))
         log.info("bridge started: %s", ", ".join(f"{r.subject} -> {r.topic}" for r in self.routes))
 
+    @property
+    def nats_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def routes_running(self) -> bool:
+        """Every route's loop is running (started, not ended)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
     async def wait(self) -> None:
         await asyncio.gather(*self._tasks)
 
@@ -253,24 +263,22 @@ class Bridge:
 
     async def _forward(self, route: Route, msgs: list) -> None:
         """Produce the whole batch, wait for every Kafka ack, then ack every NATS message."""
-        backoff = 0.1
-        while True:
-            try:
-                futures = [await self._produce(route, m) for m in msgs]
-                await asyncio.gather(*futures)
-                break
-            except Exception as exc:
-                # Kafka unavailable: keep the batch (re-producing is safe, duplicates are
-                # deduped downstream), tell NATS we are still working on it, back off.
-                self.stats.produce_retries += 1
-                log.warning("%s: produce failed (%s); retrying in %.1fs", route.name, exc, backoff)
-                for m in msgs:
-                    try:
-                        await m.in_progress()
-                    except Exception:
-                        pass
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        async def produce_all() -> None:
+            futures = [await self._produce(route, m) for m in msgs]
+            await asyncio.gather(*futures)
+
+        async def still_working(_exc: BaseException) -> None:
+            # Kafka unavailable: keep the batch (re-producing is safe, duplicates are deduped
+            # downstream) and tell NATS we are still working on it, so it is not redelivered.
+            self.stats.produce_retries += 1
+            for m in msgs:
+                try:
+                    await m.in_progress()
+                except Exception:
+                    pass
+
+        await retry.until_done(f"{route.name}: produce failed", produce_all, initial=0.1, maximum=5.0,
+                               on_failure=still_working, logger=log)
         for m in msgs:
             await m.ack()
 
@@ -331,8 +339,7 @@ def bridge_web(bridge: Bridge) -> ProbeServer:
     """The bridge's probes and metrics."""
 
     async def ready() -> tuple[bool, dict]:
-        nats_ok = bridge._nc is not None and bridge._nc.is_connected
-        routes_ok = bool(bridge._tasks) and not any(t.done() for t in bridge._tasks)
+        nats_ok, routes_ok = bridge.nats_connected, bridge.routes_running
         return nats_ok and routes_ok, {"nats": nats_ok, "routes_running": routes_ok}
 
     def metrics() -> list:

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -22,6 +21,10 @@ import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
+from typing import Any
+
+import click
 
 
 def _logging(level: str) -> None:
@@ -36,7 +39,7 @@ def _own_children() -> None:
         print(f"stopped {len(left)} processes left by an earlier run that was killed: {left}", flush=True)
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def cmd_up(args: SimpleNamespace) -> int:
     from app.local import LocalStack
 
     _own_children()
@@ -59,7 +62,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bridge(args: argparse.Namespace) -> int:
+def cmd_bridge(args: SimpleNamespace) -> int:
     from app.bridge import run_bridge
     from app.settings import get_settings
 
@@ -67,22 +70,25 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def cmd_worker(args: SimpleNamespace) -> int:
     from app.settings import get_settings
     from app.topics import ensure_topics
 
     asyncio.run(ensure_topics(get_settings()))
+    from faust.cli.faust import cli as faust_cli
+
     from app.main import app
 
-    argv = ["execution", "worker", "-l", args.log_level]
-    if args.web_port:
-        argv += ["--web-port", str(args.web_port)]
-    sys.argv = argv
-    app.main()
+    # What App.main() does, with the arguments given, not read from sys.argv.
+    app.finalize()
+    app.worker_init()
+    app.worker_init_post_autodiscover()
+    faust_args = ["worker", "-l", args.log_level] + (["--web-port", str(args.web_port)] if args.web_port else [])
+    faust_cli.main(args=faust_args, prog_name="execution", app=app)
     return 0
 
 
-def cmd_sim(args: argparse.Namespace) -> int:
+def cmd_sim(args: SimpleNamespace) -> int:
     from app.mt5.simulator import run_simulator
     from app.settings import get_settings
 
@@ -90,7 +96,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sink(args: argparse.Namespace) -> int:
+def cmd_sink(args: SimpleNamespace) -> int:
     from app.settings import get_settings
     from app.sinks.kafka_clickhouse import run_sink
 
@@ -98,7 +104,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config(args: argparse.Namespace) -> int:
+def cmd_config(args: SimpleNamespace) -> int:
     """``execution config show`` / ``execution config set a.b.c=VALUE [...]`` (VALUE is JSON)."""
     import nats
 
@@ -165,7 +171,7 @@ def _sql_rows(settings, sql: str, url: str, timeout: float) -> tuple[list[str], 
     return columns, [list(r) for r in rows]
 
 
-def cmd_sql(args: argparse.Namespace) -> int:
+def cmd_sql(args: SimpleNamespace) -> int:
     """``execution sql "SELECT ..." [--format table|csv|json]``: read-only queries on the
     service's ClickHouse tables, while the service runs."""
     import csv
@@ -195,7 +201,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_settings(args: argparse.Namespace) -> int:
+def cmd_settings(args: SimpleNamespace) -> int:
     from app.settings import get_settings
 
     print(json.dumps(get_settings().describe(), indent=2, default=str))
@@ -244,7 +250,7 @@ def _print_answer(status: int, answer: dict) -> int:
     return 0 if status in (200, 202) else 1
 
 
-def cmd_orders(args: argparse.Namespace) -> int:
+def cmd_orders(args: SimpleNamespace) -> int:
     """``execution orders show|cancel|modify ORDER_ID``."""
     from urllib.parse import quote
 
@@ -258,7 +264,7 @@ def cmd_orders(args: argparse.Namespace) -> int:
     return _print_answer(*_http("POST", f"{base}/modify", changes, token=True, command_id=args.command_id))
 
 
-def cmd_positions(args: argparse.Namespace) -> int:
+def cmd_positions(args: SimpleNamespace) -> int:
     """``execution positions close ACCOUNT SYMBOL [--volume V]``."""
     from urllib.parse import quote
 
@@ -267,20 +273,7 @@ def cmd_positions(args: argparse.Namespace) -> int:
     return _print_answer(*_http("POST", url, body, token=True, command_id=args.command_id))
 
 
-def _command_options(p: argparse.ArgumentParser, mutating: bool = True) -> None:
-    p.add_argument("--url", default=DEFAULT_URL, help=f"a worker's web server (default {DEFAULT_URL})")
-    if mutating:
-        p.add_argument("--command-id", default=None,
-                       help="makes a repeat act once (sent as Idempotency-Key); default: a new id")
-
-
-def _broker_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", choices=["tansu", "kafka"], default="tansu",
-                   help="tansu: the embedded broker (default, pip only); kafka: Apache Kafka (KRaft) "
-                        "from Maven Central jars (needs Java 17+, and Maven the first time)")
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: SimpleNamespace) -> int:
     from app.demo import run_demo
 
     _own_children()
@@ -290,70 +283,152 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(signals=args.signals, rate=args.rate, seed=args.seed)
 
 
+# ------------------------------------------------------------------ the command line (click, as Faust's)
+BROKER = click.option("--broker", type=click.Choice(["tansu", "kafka"]), default="tansu", show_default=True,
+                      help="tansu: the embedded broker (pip only); kafka: Apache Kafka (KRaft) from Maven Central "
+                           "jars (needs Java 17+, and Maven the first time)")
+TOKEN_NOTE = "The token comes from EXECUTION_API_TOKEN. Prints the answer; exit 0 on 200/202, else 1."
+
+
+def _url_option(f):
+    return click.option("--url", default=DEFAULT_URL, show_default=True, help="a worker's web server")(f)
+
+
+def _command_id_option(f):
+    return click.option("--command-id", default=None,
+                        help="makes a repeat act once (sent as Idempotency-Key); default: a new id")(f)
+
+
+def _run(func, **kw: Any) -> None:
+    """Call a ``cmd_*`` function with its arguments as attributes; its return is the exit code."""
+    raise SystemExit(func(SimpleNamespace(**kw)))
+
+
+@click.group(help="The order-execution service: its processes, the local stack and demo, and ops commands.",
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", envvar="EXECUTION_LOG_LEVEL", default="info", show_default=True)
+@click.pass_context
+def cli(ctx: click.Context, log_level: str) -> None:
+    ctx.obj = {"log_level": log_level}
+    if ctx.invoked_subcommand != "worker":  # Faust configures the worker's logging itself
+        _logging(log_level)
+
+
+@cli.command(help="run Tansu (or Apache Kafka) + nats-server locally, in the foreground")
+@BROKER
+@click.option("--kafka-nodes", type=click.Choice(["1", "3"]), default="1",
+              help="with --broker kafka: 3 runs a cluster (replication factor 3, min.insync.replicas 2)")
+def up(broker: str, kafka_nodes: str) -> None:
+    _run(cmd_up, broker=broker, kafka_nodes=int(kafka_nodes))
+
+
+@cli.command(help="NATS -> Kafka bridge")
+def bridge() -> None:
+    _run(cmd_bridge)
+
+
+@cli.command(help="the Faust worker (agents, tables, web on :8012)")
+@click.option("--web-port", type=int, default=None)
+@click.pass_context
+def worker(ctx: click.Context, web_port: int | None) -> None:
+    _run(cmd_worker, log_level=ctx.obj["log_level"], web_port=web_port)
+
+
+@cli.command(help="the MT5 broker simulator")
+@click.option("--seed", type=int, default=7, show_default=True)
+def sim(seed: int) -> None:
+    _run(cmd_sim, seed=seed)
+
+
+@cli.command(help="derived topics -> ClickHouse (HTTP on :8014 with /query)")
+def sink() -> None:
+    _run(cmd_sink)
+
+
+@cli.command(help="show or set the operational config in the central hub")
+@click.argument("action", type=click.Choice(["show", "set"]))
+@click.argument("assignments", nargs=-1)
+def config(action: str, assignments: tuple[str, ...]) -> None:
+    """ASSIGNMENTS: PATH=VALUE, e.g. operational.fill_tracking.slippage_alert_threshold_pips=3"""
+    _run(cmd_config, action=action, assignments=list(assignments))
+
+
+@cli.command(help="the end-to-end demo on the embedded defaults")
+@click.option("--signals", type=int, default=300, show_default=True)
+@click.option("--rate", type=float, default=200.0, show_default=True, help="signals per second")
+@click.option("--seed", type=int, default=42, show_default=True)
+@BROKER
+def demo(signals: int, rate: float, seed: int, broker: str) -> None:
+    _run(cmd_demo, signals=signals, rate=rate, seed=seed, broker=broker)
+
+
+@cli.command(help="print the effective settings (secrets masked)")
+def settings() -> None:
+    _run(cmd_settings)
+
+
+@cli.command(help="a read-only SQL query on the ClickHouse tables, while the service runs: sent to the running "
+                  "sink's /query (EXECUTION_SINK_URL, or --url), which owns the embedded chDB; with no sink "
+                  "answering, straight to ClickHouse")
+@click.argument("query")
+@click.option("--format", "format_", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--url", default=None, help="the sink's HTTP server (default: the setting sink_url)")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def sql(query: str, format_: str, url: str | None, timeout: float) -> None:
+    _run(cmd_sql, query=query, format=format_, url=url, timeout=timeout)
+
+
+@cli.group(help="show, cancel or modify an order. " + TOKEN_NOTE)
+def orders() -> None:
+    pass
+
+
+@orders.command("show", help="the order, from the worker that owns it")
+@click.argument("order_id")
+@_url_option
+def orders_show(order_id: str, url: str) -> None:
+    _run(cmd_orders, action="show", order_id=order_id, url=url, command_id=None)
+
+
+@orders.command("cancel", help="cancel a working limit, stop or stop-limit order")
+@click.argument("order_id")
+@_url_option
+@_command_id_option
+def orders_cancel(order_id: str, url: str, command_id: str | None) -> None:
+    _run(cmd_orders, action="cancel", order_id=order_id, url=url, command_id=command_id)
+
+
+@orders.command("modify", help="change an order's price, stop-loss or take-profit")
+@click.argument("order_id")
+@click.option("--price", type=float, default=None)
+@click.option("--stop-loss", type=float, default=None)
+@click.option("--take-profit", type=float, default=None)
+@_url_option
+@_command_id_option
+def orders_modify(order_id: str, price: float | None, stop_loss: float | None, take_profit: float | None,
+                  url: str, command_id: str | None) -> None:
+    _run(cmd_orders, action="modify", order_id=order_id, price=price, stop_loss=stop_loss, take_profit=take_profit,
+         url=url, command_id=command_id)
+
+
+@cli.group(help="close (part of) a position. " + TOKEN_NOTE)
+def positions() -> None:
+    pass
+
+
+@positions.command("close", help="close all of a position, or --volume lots of it")
+@click.argument("account")
+@click.argument("symbol")
+@click.option("--volume", type=float, default=None, help="lots (default: all)")
+@_url_option
+@_command_id_option
+def positions_close(account: str, symbol: str, volume: float | None, url: str, command_id: str | None) -> None:
+    _run(cmd_positions, account=account, symbol=symbol, volume=volume, url=url, command_id=command_id)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="execution", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default=os.environ.get("EXECUTION_LOG_LEVEL", "info"))
-    sub = parser.add_subparsers(dest="command", required=True)
-    u = sub.add_parser("up", help="run Tansu (or Apache Kafka) + nats-server locally")
-    _broker_option(u)
-    u.add_argument("--kafka-nodes", type=int, choices=[1, 3], default=1,
-                   help="with --broker kafka: 3 runs a cluster (replication factor 3, min.insync.replicas 2)")
-    u.set_defaults(func=cmd_up)
-    sub.add_parser("bridge", help="NATS -> Kafka bridge").set_defaults(func=cmd_bridge)
-    w = sub.add_parser("worker", help="Faust worker")
-    w.add_argument("--web-port", type=int, default=None)
-    w.set_defaults(func=cmd_worker)
-    s = sub.add_parser("sim", help="MT5 broker simulator")
-    s.add_argument("--seed", type=int, default=7)
-    s.set_defaults(func=cmd_sim)
-    sub.add_parser("sink", help="derived topics -> ClickHouse").set_defaults(func=cmd_sink)
-    c = sub.add_parser("config", help="show or set the operational config in the central hub")
-    c.add_argument("action", choices=["show", "set"])
-    c.add_argument("assignments", nargs="*", help="PATH=VALUE, e.g. operational.fill_tracking.slippage_alert_threshold_pips=3")
-    c.set_defaults(func=cmd_config)
-    d = sub.add_parser("demo", help="end-to-end demo on the embedded defaults")
-    d.add_argument("--signals", type=int, default=300)
-    d.add_argument("--rate", type=float, default=200.0, help="signals per second")
-    d.add_argument("--seed", type=int, default=42)
-    _broker_option(d)
-    d.set_defaults(func=cmd_demo)
-    sub.add_parser("settings", help="print effective settings").set_defaults(func=cmd_settings)
-    q = sub.add_parser("sql", help="a read-only SQL query on the ClickHouse tables (while the service runs)",
-                       description="Sent to the running sink's /query (EXECUTION_SINK_URL, or --url), which "
-                                   "owns the embedded chDB; with no sink answering, straight to ClickHouse.")
-    q.add_argument("query", help='e.g. "SELECT symbol, count() FROM executions GROUP BY symbol"')
-    q.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    q.add_argument("--url", default=None, help="the sink's HTTP server (default: the setting sink_url)")
-    q.add_argument("--timeout", type=float, default=60.0)
-    q.set_defaults(func=cmd_sql)
-    token_note = "The token comes from EXECUTION_API_TOKEN. Prints the answer; exit 0 on 200/202, else 1."
-    o = sub.add_parser("orders", help="show, cancel or modify an order", description=token_note)
-    o_sub = o.add_subparsers(dest="action", required=True)
-    o_show = o_sub.add_parser("show", help="the order, from the worker that owns it")
-    o_show.add_argument("order_id")
-    _command_options(o_show, mutating=False)
-    o_cancel = o_sub.add_parser("cancel", help="cancel a working limit, stop or stop-limit order")
-    o_cancel.add_argument("order_id")
-    _command_options(o_cancel)
-    o_modify = o_sub.add_parser("modify", help="change an order's price, stop-loss or take-profit")
-    o_modify.add_argument("order_id")
-    o_modify.add_argument("--price", type=float, default=None)
-    o_modify.add_argument("--stop-loss", type=float, default=None)
-    o_modify.add_argument("--take-profit", type=float, default=None)
-    _command_options(o_modify)
-    o.set_defaults(func=cmd_orders)
-    ps = sub.add_parser("positions", help="close (part of) a position", description=token_note)
-    ps_sub = ps.add_subparsers(dest="action", required=True)
-    ps_close = ps_sub.add_parser("close", help="close all of a position, or --volume lots of it")
-    ps_close.add_argument("account")
-    ps_close.add_argument("symbol")
-    ps_close.add_argument("--volume", type=float, default=None, help="lots (default: all)")
-    _command_options(ps_close)
-    ps.set_defaults(func=cmd_positions)
-    args = parser.parse_args(argv)
-    if args.command != "worker":
-        _logging(args.log_level)
-    return args.func(args)
+    cli.main(args=argv, prog_name="execution")  # exits with the command's code
+    return 0
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from app.models import (
     to_json,
     utcnow,
 )
+from app import retry
 from app.runtime import Runtime
 from app.topics import ORDERS_COMMANDS
 from tables.commands import decide_cancel, decide_close, decide_modify
@@ -317,21 +318,14 @@ class CommandsAPI:
                 task.add_done_callback(self._in_flight.discard)
             return on_message
 
-        delay = 0.5
-        while True:
-            try:
-                nc = await self.rt.nats()
-                for subject, kind in SUBJECTS.items():
-                    await nc.subscribe(subject, queue=queue, cb=handler(kind))
-                await nc.flush()
-                log.info("commands: serving NATS %s in queue group %s", ", ".join(SUBJECTS), queue)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("commands: NATS not reachable (%s: %s); again in %.1fs", type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        async def subscribe() -> None:
+            nc = await self.rt.nats()
+            for subject, kind in SUBJECTS.items():
+                await nc.subscribe(subject, queue=queue, cb=handler(kind))
+            await nc.flush()
+
+        await retry.until_done("commands: NATS not reachable", subscribe, initial=0.5, maximum=10.0, logger=log)
+        log.info("commands: serving NATS %s in queue group %s", ", ".join(SUBJECTS), queue)
 
     async def _answer(self, kind: CommandKind, msg: Any, gate: asyncio.Semaphore) -> None:
         try:

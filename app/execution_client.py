@@ -18,12 +18,13 @@ applies through ``orders.commands``); nothing here writes a table.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tenacity import AsyncRetrying, retry_if_result, stop_before_delay
+
+from app import retry
 from app.models import CommandKind, ModifyOrder, Order, OrderIntent, OrderType
 from app.mt5.contract import ModifyRequest, NoReply, Outcome, TradeRequest, classify
 from tables.order_types import MAGIC, comment_for, reduce_only_refusal, reprice, trade_request_fields
@@ -58,14 +59,11 @@ class ExecutionClient:
         """Ask again while the connector does not answer (NATS restarting, the connector
         away), for up to the stuck-order timeout: only the broker's answer tells a lost order
         (resend it) from a live one."""
-        deadline = time.monotonic() + self.rt.config.submission.stuck_order_timeout_seconds
-        delay = 0.2
-        while True:
-            status = await self.status(order)
-            if status is not None or time.monotonic() + delay >= deadline:
-                return status
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        retrying = AsyncRetrying(
+            wait=retry.backoff(0.2, 5.0), retry=retry_if_result(lambda status: status is None),
+            stop=stop_before_delay(self.rt.config.submission.stuck_order_timeout_seconds),
+            retry_error_callback=lambda state: None)  # no answer by then: None, as the caller expects
+        return await retrying(self.status, order)
 
     # ------------------------------------------------------------------ submit
     async def submit(self, order: Order, *, resume: bool, reduce_only: bool = False) -> Answer | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import nats
 
+from app import retry
 from app.hub import ConfigHub
 from app.settings import Settings
 from tables.symbols import SymbolTable
@@ -141,17 +142,10 @@ class Runtime:
 
     async def _start_hub(self, nc: Any) -> None:
         """Follow the central hub; until it answers, the safe defaults (or last good) apply."""
-        delay = 1.0
-        while True:
-            try:
-                await asyncio.wait_for(self.hub.start(nc), timeout=10)
-                log.info("config hub: following %s (revision %s)", "execution_config/execution", self.hub.revision)
-                return
-            except Exception as exc:
-                log.warning("config hub unavailable (%s: %s): safe defaults stay; retrying in %.0fs", type(exc).__name__, exc, delay)
-                await self.hub.stop()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30)
+        await retry.until_done(
+            "config hub unavailable: safe defaults stay", lambda: asyncio.wait_for(self.hub.start(nc), timeout=10),
+            initial=1.0, maximum=30.0, on_failure=lambda _exc: self.hub.stop(), logger=log)
+        log.info("config hub: following %s (revision %s)", "execution_config/execution", self.hub.revision)
         return self._nc
 
     async def jetstream(self) -> Any:

@@ -55,6 +55,7 @@ import nats
 import orjson
 from pydantic import ValidationError
 
+from app import retry
 from app.models import MAX_LOTS, describe_validation_error, to_dict, to_json, utcnow
 from app.mt5 import contract as c
 from app.mt5.contract import (
@@ -403,17 +404,10 @@ class BrokerSimulator:
                "name": "mt5-simulator", **self.connect_options}
         )
         self.js = self.nc.jetstream()
-        delay = 0.1
-        for attempt in range(50):
-            try:
-                await ensure_stream(self.js, c.FILLS_STREAM, [c.FILLS_SUBJECTS])
-                break
-            except Exception as exc:  # JetStream not ready yet right after the server starts
-                if attempt == 49:
-                    raise
-                log.info("JetStream not ready (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        tries = iter(range(50))  # JetStream not ready yet right after the server starts: 50 tries
+        await retry.until_done("JetStream not ready", lambda: ensure_stream(self.js, c.FILLS_STREAM, [c.FILLS_SUBJECTS]),
+                               initial=0.1, maximum=1.0, stop=lambda: next(tries, None) is None,
+                               logger=log, level=logging.INFO)
         self._outbox = asyncio.Queue()
         handlers = {
             c.SUBMIT: self._on_submit, c.CANCEL: self._on_cancel, c.MODIFY: self._on_modify, c.STATUS: self._on_status,
@@ -488,22 +482,17 @@ class BrokerSimulator:
             data = to_json(ev)
             subject = c.fills_subject(ev.symbol)
             headers = {"Nats-Msg-Id": c.deal_msg_id(ev.deal)}
-            delay = 0.05
-            while True:
+            async def recreate_stream(_exc: BaseException) -> None:  # the stream may be gone
+                self.stats["publish_retries"] += 1
                 try:
-                    await self.js.publish(subject, data, timeout=2.0, headers=headers)
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # NATS down, stream gone, no ack: retry, never drop
-                    self.stats["publish_retries"] += 1
-                    log.warning("deal %s not acknowledged (%s); retrying in %.2fs", ev.deal, exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    try:
-                        await ensure_stream(self.js, c.FILLS_STREAM, [c.FILLS_SUBJECTS])
-                    except Exception:
-                        pass
+                    await ensure_stream(self.js, c.FILLS_STREAM, [c.FILLS_SUBJECTS])
+                except Exception:
+                    pass
+
+            # NATS down, stream gone, no ack: retry, never drop
+            await retry.until_done(f"deal {ev.deal} not acknowledged",
+                                   lambda: self.js.publish(subject, data, timeout=2.0, headers=headers),
+                                   initial=0.05, maximum=2.0, on_failure=recreate_stream, logger=log)
             self.published_total += 1
             self.unpublished -= 1
             self._outbox.task_done()

@@ -51,6 +51,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from pydantic import BaseModel
 
+from app import retry
 from app.http_server import ProbeServer
 from app.kafka_io import end_offsets
 from app.models import DeadLetter, DecodeError, Execution, Order, OrderEvent, Position, from_json
@@ -236,22 +237,13 @@ class ClickHouseSink:
             await asyncio.to_thread(store.close)
 
     async def _open_store(self) -> None:
-        delay = self.retry_initial
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                if self.store is None:
-                    self.store = await asyncio.to_thread(ClickHouseStore.from_settings, self.settings)
-                await asyncio.to_thread(self.store.ensure_schema)
-                return
-            except Exception as exc:
-                if self._stopping:
-                    raise
-                log.warning("clickhouse sink: ClickHouse unavailable at start (attempt %d): %s; retrying in %.1fs",
-                            attempt, _short(exc), delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max)
+        async def open_store() -> None:
+            if self.store is None:
+                self.store = await asyncio.to_thread(ClickHouseStore.from_settings, self.settings)
+            await asyncio.to_thread(self.store.ensure_schema)
+
+        await retry.until_done("clickhouse sink: ClickHouse unavailable at start", open_store,
+                               initial=self.retry_initial, maximum=self.retry_max, stop=lambda: self._stopping, logger=log)
 
     # --- observability ------------------------------------------------------------------
     @property
@@ -265,6 +257,11 @@ class ClickHouseSink:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def failing(self) -> bool:
+        """ClickHouse refused the last insert (the batch is held and retried)."""
+        return self._failing
 
     async def wait_idle(self, timeout: float = 30.0, interval: float = 0.2) -> None:
         """Until every assigned partition is committed up to its end offset with nothing
@@ -389,21 +386,19 @@ class ClickHouseSink:
             ("partition", str(m.partition).encode()),
             ("offset", str(m.offset).encode()),
         ]
-        delay = self.retry_initial
-        while True:
-            try:
-                assert self._producer is not None
-                await self._producer.send_and_wait(SINK_DLQ, value=m.value, key=m.key, headers=headers)
-                self.stats["dead_lettered"] += 1
-                log.warning("clickhouse sink: %s[%d]@%d -> %s: %s", m.topic, m.partition, m.offset, SINK_DLQ, reason[:200])
-                return self._generation == generation
-            except Exception as exc:
-                if self._stopping or self._generation != generation:
-                    return False
-                log.warning("clickhouse sink: dead-lettering %s[%d]@%d failed: %s; retrying in %.1fs",
-                            m.topic, m.partition, m.offset, _short(exc), delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max)
+        assert self._producer is not None
+        producer = self._producer
+        try:
+            await retry.until_done(
+                f"clickhouse sink: dead-lettering {m.topic}[{m.partition}]@{m.offset} failed",
+                lambda: producer.send_and_wait(SINK_DLQ, value=m.value, key=m.key, headers=headers),
+                initial=self.retry_initial, maximum=self.retry_max,
+                stop=lambda: self._stopping or self._generation != generation, logger=log)
+        except Exception:
+            return False  # stopping, or revoked: the next owner re-reads the record
+        self.stats["dead_lettered"] += 1
+        log.warning("clickhouse sink: %s[%d]@%d -> %s: %s", m.topic, m.partition, m.offset, SINK_DLQ, reason[:200])
+        return self._generation == generation
 
     # --- flush and commit ---------------------------------------------------------------
     async def _flush(self) -> bool:
@@ -484,7 +479,7 @@ def sink_web(sink: ClickHouseSink) -> ProbeServer:
     reach an embedded chDB while the sink runs)."""
 
     async def ready() -> tuple[bool, dict]:
-        running = sink._task is not None and not sink._task.done()
+        running = sink.running
         store_ok = sink.store is not None and await asyncio.to_thread(sink.store.ping)
         return running and store_ok, {"consuming": running, "clickhouse": store_ok,
                                       "dsn": sink.store.dsn if sink.store else None}
@@ -493,8 +488,8 @@ def sink_web(sink: ClickHouseSink) -> ProbeServer:
         counters = ("records", "flushes", "dead_lettered", "insert_failures", "commit_failures")
         out = [(f"sink_{k}_total", {}, sink.stats.get(k, 0)) for k in counters]  # all of them, from 0
         out += [("sink_rows_total", {"table": t}, sink.stats.get(t, 0)) for t in TABLE_ORDER]
-        out.append(("sink_pending_records", {}, sink._pending_records))
-        out.append(("sink_failing", {}, int(sink._failing)))
+        out.append(("sink_pending_records", {}, sink.pending_records))
+        out.append(("sink_failing", {}, int(sink.failing)))
         return out
 
     async def query(request: web.Request) -> web.Response:

@@ -1,0 +1,49 @@
+"""app.retry: the one retry-with-backoff of the service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from app.retry import until_done
+
+
+async def test_retries_until_the_step_succeeds_logging_each_failure(caplog):
+    calls, cleaned = [], []
+
+    async def step() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError(f"down {len(calls)}")
+        return "done"
+
+    with caplog.at_level(logging.WARNING, logger="app.retry"):
+        assert await until_done("kafka away", step, initial=0.001, maximum=0.002, on_failure=cleaned.append) == "done"
+    assert len(calls) == 3 and [str(e) for e in cleaned] == ["down 1", "down 2"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("kafka away (attempt 1: ConnectionError: down 1); again in")
+
+
+async def test_stop_gives_up_with_the_last_error():
+    attempts = []
+
+    async def step() -> None:
+        attempts.append(1)
+        raise TimeoutError(f"no answer {len(attempts)}")
+
+    with pytest.raises(TimeoutError, match="no answer 3"):
+        await until_done("x", step, initial=0.001, maximum=0.001, stop=lambda: len(attempts) >= 3)
+
+
+async def test_cancellation_is_never_retried():
+    attempts = []
+
+    async def step() -> None:
+        attempts.append(1)
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await until_done("x", step, initial=0.001)
+    assert attempts == [1]
