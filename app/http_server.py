@@ -14,10 +14,12 @@ plus the routes the process adds (the sink's ``/query``).  ``port`` 0 means no s
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +27,40 @@ log = logging.getLogger(__name__)
 Series = tuple[str, dict[str, str], float]
 
 
-def prometheus_text(prefix: str, series: Iterable[Series]) -> str:
-    """Prometheus exposition text: ``# TYPE`` once per name (``counter`` for names ending in
-    ``_total``, else ``gauge``), then its samples."""
+def exposition(collect: Callable[[], Iterable[Metric]]) -> str:
+    """Prometheus text format 0.0.4 of the metric families ``collect()`` yields, written by
+    prometheus_client (a registry per scrape: the values are read when asked)."""
+
+    class _Collector:
+        def collect(self) -> Iterable[Metric]:
+            return collect()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector())  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
+
+
+def gauge_families(prefix: str, series: Iterable[Series]) -> Iterator[Metric]:
+    """One family per name: a counter for names ending in ``_total``, else a gauge."""
     by_name: dict[str, list[tuple[dict[str, str], float]]] = {}
     for name, labels, value in series:
         by_name.setdefault(name, []).append((labels, value))
-    lines = []
     for name, samples in by_name.items():
-        kind = "counter" if name.endswith("_total") else "gauge"
-        lines.append(f"# TYPE {prefix}_{name} {kind}")
+        full = f"{prefix}_{name}"
+        family: Metric
+        if name.endswith("_total"):
+            family = CounterMetricFamily(full[: -len("_total")], name)
+        else:
+            family = GaugeMetricFamily(full, name)
         for labels, value in samples:
-            inner = ",".join(f'{k}="{str(v).replace(chr(34), "")}"' for k, v in sorted(labels.items()))
-            lines.append(f"{prefix}_{name}{'{' + inner + '}' if inner else ''} {value}")
-    return "\n".join(lines) + "\n"
+            family.add_sample(full, {k: str(v) for k, v in labels.items()}, value)
+        yield family
+
+
+def prometheus_text(prefix: str, series: Iterable[Series]) -> str:
+    """Prometheus text of ``(name, labels, value)`` series (``_total``: counters)."""
+    series = list(series)
+    return exposition(lambda: gauge_families(prefix, series))
 
 
 class ProbeServer:

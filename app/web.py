@@ -21,56 +21,59 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import faust
 from faust.web import Request, Response, View
+from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from app import commands_api, openapi
 from app.faust_patches import active_partitions, paused_partitions, read_offset, read_offsets
 from app.models import OrderState, position_key, to_dict
+from app.http_server import exposition, gauge_families
 from app.runtime import COUNTERS, Runtime
 from tables.definitions import Tables
 
 
-def _labels(labels: tuple[tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{str(v).replace(chr(34), "")}"' for k, v in labels)
-    return "{" + inner + "}"
-
-
 def prometheus(rt: Runtime, extra: list[tuple[str, dict[str, str], float]]) -> str:
-    lines: list[str] = []
-    by_name: dict[str, list[tuple[tuple, float]]] = {}
-    for (name, labels), value in sorted(rt.metrics.counters.items()):
-        by_name.setdefault(name, []).append((labels, value))
-    for name, help_text in COUNTERS.items():
-        series = by_name.get(name) or [((), 0)]  # declared counters show from the start
-        lines.append(f"# HELP execution_{name}_total {help_text}")
-        lines.append(f"# TYPE execution_{name}_total counter")
-        for labels, value in series:
-            lines.append(f"execution_{name}_total{_labels(labels)} {value}")
-    lines.append("# TYPE execution_slippage_pips histogram")
-    for symbol, hist in sorted(rt.metrics.slippage.items()):
-        # Cumulative counters kept since the process started (never re-bucketed from samples).
-        for le, n in hist.cumulative():
-            le_s = "+Inf" if le == float("inf") else repr(le)
-            lines.append(f'execution_slippage_pips_bucket{{symbol="{symbol}",le="{le_s}"}} {n}')
-        lines.append(f'execution_slippage_pips_sum{{symbol="{symbol}"}} {hist.sum!r}')
-        lines.append(f'execution_slippage_pips_count{{symbol="{symbol}"}} {hist.count}')
-    gauges: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for name, labels, value in extra:
-        gauges.setdefault(name, []).append((labels, value))
-    for name, series in gauges.items():
-        lines.append(f"# TYPE execution_{name} gauge")
-        for labels, value in series:
-            lines.append(f"execution_{name}{_labels(tuple(sorted(labels.items())))} {value}")
-    return "\n".join(lines) + "\n"
+    """The worker's own metrics in Prometheus text format (prometheus_client): every declared
+    counter (from 0), the slippage histogram per symbol, and the gauges in ``extra``."""
+
+    def collect() -> Iterator[Metric]:
+        by_name: dict[str, list[tuple[tuple, float]]] = {}
+        for (name, labels), value in sorted(rt.metrics.counters.items()):
+            by_name.setdefault(name, []).append((labels, value))
+        for name, help_text in COUNTERS.items():
+            family = CounterMetricFamily(f"execution_{name}", help_text)
+            for labels, value in by_name.get(name) or [((), 0)]:  # declared counters show from the start
+                family.add_sample(f"execution_{name}_total", dict(labels), value)
+            yield family
+        hist = HistogramMetricFamily("execution_slippage_pips", "slippage per fill, pips, + = adverse",
+                                     labels=["symbol"])
+        for symbol, h in sorted(rt.metrics.slippage.items()):
+            # Cumulative counts kept since the process started (never re-bucketed from samples).
+            buckets = [("+Inf" if le == float("inf") else repr(le), n) for le, n in h.cumulative()]
+            hist.add_metric([symbol], buckets=buckets, sum_value=None)
+            # prometheus_client leaves _count and _sum out when a bucket is negative (gauge
+            # histograms); slippage has favourable, negative values and is counted all the same.
+            hist.add_sample("execution_slippage_pips_count", {"symbol": symbol}, h.count)
+            hist.add_sample("execution_slippage_pips_sum", {"symbol": symbol}, h.sum)
+        yield hist
+        yield from gauge_families("execution", extra)
+
+    return exposition(collect)
 
 
 def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
     broker_check: dict[str, Any] = {"at": 0.0, "ok": False}
+    # Faust's own Prometheus sensor (messages and events in and out, commit latency, consumer
+    # and producer timings, rebalances, table operations) as execution_faust_*, served with
+    # the service's metrics on /metrics.
+    faust_registry = CollectorRegistry(auto_describe=True)
+    app.monitor = PrometheusMonitor(metrics=FaustMetrics.create(faust_registry, "execution_faust"))
 
     async def broker_reachable() -> bool:
         if time.monotonic() - broker_check["at"] < 2.0:
@@ -157,7 +160,8 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
             extra.append(("ready", {}, int(ready)))  # 1 when /readyz answers 200
             extra.append(("config_revision", {}, rt.hub.revision))
             extra.append(("config_rejected", {}, rt.hub.rejected))
-            return self.text(prometheus(rt, extra), content_type="text/plain; version=0.0.4")
+            text = prometheus(rt, extra) + generate_latest(faust_registry).decode()
+            return self.text(text, content_type="text/plain; version=0.0.4")
 
     @app.page("/orders/{order_id}")
     @app.table_route(table=tables.orders, match_info="order_id")

@@ -79,7 +79,7 @@ async def test_sql_while_the_sink_runs(stack, settings: Settings, tmp_path: Path
         assert unreachable.returncode != 0 and "open in another process while `execution sink`" in unreachable.stderr
 
         status, metrics = await asyncio.to_thread(get, sink.web_port, "/metrics")
-        assert status == 200 and 'execution_sink_rows_total{table="executions"} 5' in metrics
+        assert status == 200 and 'execution_sink_rows_total{table="executions"} 5.0' in metrics
         assert "# TYPE execution_sink_rows_total counter" in metrics
         sink_used = {n for n in monitoring_metric_names() if n.startswith("execution_sink_")}
         assert sink_used and sink_used <= exported_names(metrics)
@@ -105,8 +105,8 @@ async def test_the_bridge_has_probes_and_counts_what_it_forwards(stack, settings
 
         async def counted() -> bool:
             _, text = await asyncio.to_thread(get, bridge.web_port, "/metrics")
-            return ('execution_bridge_forwarded_total{topic="signals.approved"} 1' in text
-                    and 'execution_bridge_dead_letters_total{topic="signals.dlq"} 1' in text)
+            return ('execution_bridge_forwarded_total{topic="signals.approved"} 1.0' in text
+                    and 'execution_bridge_dead_letters_total{topic="signals.dlq"} 1.0' in text)
 
         await wait_until(counted, timeout=30, what="the bridge's counters")
         _, text = await asyncio.to_thread(get, bridge.web_port, "/metrics")

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.models import OrderState
 from app.sample import REFERENCE, signal_dict
@@ -115,6 +116,11 @@ async def test_two_workers_share_partitions_and_take_over(tmp_path: Path):
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{w2.web_port}/metrics", timeout=5).read().decode())
         assert "execution_duplicate_signals_total" in metrics
         assert "execution_consumer_lag" in metrics
+        # Faust's own sensor: worker-2 committed offsets and went through the take-over rebalance
+        faust = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+                 if s.name.startswith("execution_faust_") and not s.labels}
+        assert faust["execution_faust_consumer_commit_latency_count"] > 0, faust
+        assert faust["execution_faust_rebalance_done_latency_count"] >= 2, faust
 
         # worker-1 comes back and the two share again; then worker-2 dies without leaving the
         # group (SIGKILL) while signals flow, and is restarted: it must get partitions again

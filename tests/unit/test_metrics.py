@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 import random
-import re
 from types import SimpleNamespace
 
 import pytest
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from app.runtime import Metrics
 from app.web import prometheus
 
-BUCKET = re.compile(r'^execution_slippage_pips_bucket\{symbol="(\w+)",le="([^"]+)"\} (\d+)$')
-
-
 def histogram(text: str, symbol: str) -> tuple[list[tuple[float, int]], float, int]:
-    """(le, cumulative count) in exposition order, _sum and _count of one symbol."""
+    """(le, cumulative count) in exposition order, _sum and _count of one symbol, read with
+    prometheus_client's own parser."""
     buckets, total, count = [], None, None
-    for line in text.splitlines():
-        m = BUCKET.match(line)
-        if m and m.group(1) == symbol:
-            buckets.append((float(m.group(2).replace("+Inf", "inf")), int(m.group(3))))
-        elif line.startswith(f'execution_slippage_pips_sum{{symbol="{symbol}"}} '):
-            total = float(line.rsplit(" ", 1)[1])
-        elif line.startswith(f'execution_slippage_pips_count{{symbol="{symbol}"}} '):
-            count = int(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        if family.name != "execution_slippage_pips":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("symbol") != symbol:
+                continue
+            if sample.name.endswith("_bucket"):
+                buckets.append((float(sample.labels["le"]), int(sample.value)))
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_count"):
+                count = int(sample.value)
     assert total is not None and count is not None, text
     return buckets, total, count
 
@@ -64,6 +67,9 @@ def test_every_declared_counter_is_exported_from_the_start_and_others_are_refuse
     text = prometheus(SimpleNamespace(metrics=m), [])
     for name in COUNTERS:
         assert f"# TYPE execution_{name}_total counter" in text
-    assert 'execution_fills_total{symbol="EURUSD"} 1' in text and "execution_orders_created_total 0" in text
+    values = {(s.name, tuple(s.labels.items())): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples}
+    assert values[("execution_fills_total", (("symbol", "EURUSD"),))] == 1
+    assert values[("execution_orders_created_total", ())] == 0
     with pytest.raises(ValueError, match="undeclared counter"):
         m.inc("filsl")
