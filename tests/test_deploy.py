@@ -82,7 +82,7 @@ def test_a_broken_manifest_is_caught():
 
 # --------------------------------------------------------------------------- monitoring
 PROMQL_FUNCTIONS = {"sum", "max", "min", "avg", "count", "rate", "increase", "histogram_quantile", "by", "without",
-                    "and", "or", "unless", "humanize", "absent"}
+                    "and", "or", "unless", "humanize", "absent", "vector"}
 
 
 def promql_problems(expr: str) -> list[str]:
@@ -169,3 +169,64 @@ def test_the_monitoring_uses_only_metrics_the_service_exports():
     bridge_sink = {"execution_bridge_forwarded_total", "execution_bridge_dead_letters_total",
                    "execution_sink_rows_total", "execution_sink_dead_lettered_total", "execution_sink_pending_records"}
     assert monitoring_metric_names() <= worker | bridge_sink, monitoring_metric_names() - worker - bridge_sink
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    """Prometheus's promtool, built into the cache on first use (tests/promtool/fetch)."""
+    import subprocess
+
+    out = subprocess.run([str(ROOT / "tests" / "promtool" / "fetch")], capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def run_promtool(promtool: str, workdir: Path, *args: str) -> tuple[int, str]:
+    import subprocess
+
+    r = subprocess.run([promtool, *args], cwd=workdir, capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stdout + r.stderr
+
+
+def rules_workdir(tmp_path: Path, spec: dict) -> Path:
+    import shutil
+
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(spec))
+    shutil.copy(ROOT / "tests" / "promtool" / "rules_test.yaml", tmp_path / "rules_test.yaml")
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_promtool_checks_the_rules_and_their_alerts_fire(promtool: str, tmp_path: Path):
+    """Prometheus's own parser on the alert rules and the dashboard's queries, and the alerts
+    of tests/promtool/rules_test.yaml evaluated on synthetic series (partial scrapes too)."""
+    spec = yaml.safe_load((ROOT / "k8s" / "prometheus-rules.yaml").read_text())["spec"]
+    work = rules_workdir(tmp_path, spec)
+    rc, out = run_promtool(promtool, work, "check", "rules", "rules.yaml")
+    assert rc == 0, out
+    rc, out = run_promtool(promtool, work, "test", "rules", "rules_test.yaml")
+    assert rc == 0, out
+    # every alert has a case
+    cases = yaml.safe_load((work / "rules_test.yaml").read_text())["tests"]
+    tested = {t["alertname"] for c in cases for t in c.get("alert_rule_test", [])}
+    assert tested == {r["alert"] for g in spec["groups"] for r in g["rules"]}
+
+    # the dashboard's queries parse in Prometheus (as recording rules: promtool has no query lint)
+    dash = json.loads((ROOT / "k8s" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"].replace("$__rate_interval", "5m") for p in dash["panels"] for t in p["targets"]]
+    records = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    (work / "dashboard.yaml").write_text(yaml.safe_dump(records))
+    rc, out = run_promtool(promtool, work, "check", "rules", "dashboard.yaml")
+    assert rc == 0, out
+
+
+@pytest.mark.slow
+def test_promtool_catches_an_alert_that_does_not_fire(promtool: str, tmp_path: Path):
+    spec = yaml.safe_load((ROOT / "k8s" / "prometheus-rules.yaml").read_text())["spec"]
+    for g in spec["groups"]:
+        for r in g["rules"]:
+            if r["alert"] == "ExecutionSlippageAboveThreshold":
+                r["expr"] = r["expr"].replace("> 0", "> 100")
+    rc, out = run_promtool(promtool, rules_workdir(tmp_path, spec), "test", "rules", "rules_test.yaml")
+    assert rc != 0 and "ExecutionSlippageAboveThreshold" in out, out
