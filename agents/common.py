@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -193,6 +194,7 @@ async def process_batch(
     """
     generation = ctx.app.consumer_generation_id
     events = [e for e in events if not _stale(e, generation)]
+    observe_arrival(ctx, what, events)
     batch = Batch()
     for event in events:
         point = batch.savepoint()
@@ -211,10 +213,29 @@ async def process_batch(
                 reason = f"internal error: {type(exc).__name__}: {exc}"
             batch.emit(dead_letter(dlq, event, reason))
     if batch:
+        started = time.monotonic()
         await batch.commit(ctx, what)
+        ctx.rt.metrics.observe_stage(what, "commit", time.monotonic() - started)
     generation = ctx.app.consumer_generation_id
     for event in events:
         _stale(event, generation)
+
+
+def observe_arrival(ctx: Context, agent: str, events: list[faust.EventT]) -> None:
+    """Time each record took to reach the handler, in two stages (app.runtime.STAGES): from
+    its Kafka timestamp to Faust's conductor (``message.time_in``, monotonic, set by Faust's
+    monitor), and from there to now."""
+    if not events:
+        return
+    wall, mono = time.time(), time.monotonic()
+    metrics = ctx.rt.metrics
+    for event in events:
+        message = event.message
+        if message.time_in is None:
+            continue
+        in_faust = mono - message.time_in
+        metrics.observe_stage(agent, "faust", in_faust)
+        metrics.observe_stage(agent, "kafka", max(0.0, wall - message.timestamp - in_faust))
 
 
 def _stale(event: faust.EventT, generation: int) -> bool:

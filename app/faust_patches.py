@@ -7,8 +7,11 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
    records past its committed offsets and committed over records nobody processed.
 2. **Producer lanes** (``ProducerBuffer``): one drain lane per topic partition instead of one
    queue for all, so a table write waiting for its partition no longer blocks the others.
-3. **Consumer fetch wait** (``consumer_fetch_max_wait_ms``): Faust fixes 1,500 ms; Tansu
-   answers a waiting fetch only when the wait ends, so every hop cost up to 1.5 s there.
+3. **Consumer fetch wait** (``consumer_fetch_max_wait_ms``): Faust fixes 1,500 ms.  Tansu
+   answers a waiting fetch only when the wait ends, so every hop cost up to 1.5 s there; on
+   Apache Kafka aiokafka keeps one fetch in flight per broker and leaves out of it the
+   partitions that still hold fetched records, so a record arriving on one of those waits for
+   the in-flight fetch, up to the whole wait (both profiles set a shorter one).
 4. **End offsets checked by a fetch** (``broker_end_offsets_check``): Tansu 0.6 reports a
    short end offset when the last batch holds several records, and Faust's recovery stops
    at it (:func:`app.kafka_io.end_offsets`).
@@ -36,8 +39,9 @@ Proof of each, and its control (Faust's or mode's own code run in the same scena
 the fault; the patched test also fails when the patch is not installed).  Faults (1, 2, 5, 7,
 8, 9) are in Faust's and mode's code, before any broker, so their controls need no server;
 on Apache Kafka the chaos tests (``tests/test_chaos.py``, which also assert that (5) never
-fired) guard them end to end.  (3) and (4) work around Tansu and act only in the local
-profile: the production profile (Apache Kafka) keeps Faust's methods.  (10) is a speed-up,
+fired) guard them end to end.  (4) works around Tansu and acts only in the local profile:
+the production profile (Apache Kafka) keeps Faust's method.  (3) acts in both (its control
+on Apache Kafka: a consumer with Faust's wait leaves a record unfetched).  (10) is a speed-up,
 not a fault: its control is Faust's own replay of the same changelogs, which must leave the
 same tables and persisted offsets.
 
@@ -47,8 +51,8 @@ same tables and persisted offsets.
 1    test_faust_patches.py::test_recovery_seeks_...         none         Faust resumes, then seeks
 2    test_faust_patches.py::test_one_partition_waiting_...  none         Faust's queue holds all
      (test_batch.py: order within a lane, flush)
-3    test_faust_patches.py::test_the_production_profile_..  none         production: Faust's method
-     (bench/fetch_wait.py: Tansu's latency per hop)
+3    test_faust_patches.py::test_a_record_waits_for_...     Kafka        Faust's 1,500 ms wait
+     (bench/fetch_wait.py: Tansu's latency per hop; bench/idle.py, bench/latency.py)
 4    test_kafka_io.py::test_end_offsets_are_right_...       Tansu        Tansu's short ListOffsets
      (and the production-profile test of 3)
 5    test_faust_patches.py::test_a_skipped_range_...        none         Faust commits the gap
@@ -274,7 +278,8 @@ def _install_lanes() -> None:
 
 
 # --- 3 and 4. the worker's consumer: fetch wait, end offsets ------------------------------
-# Both are Tansu's: the production profile (Apache Kafka) keeps Faust's methods, untouched.
+# (4) is Tansu's: the production profile (Apache Kafka) keeps Faust's method, untouched; (3)
+# sets the fetch wait of both profiles (Faust's method is put back only for a 1,500 ms wait).
 _create_consumer = AIOKafkaConsumerThread._create_worker_consumer
 _faust_highwaters = AIOKafkaConsumerThread._highwaters
 #: The fetch wait Faust's aiokafka driver fixes (``_create_worker_consumer``).

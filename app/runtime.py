@@ -30,6 +30,18 @@ SLIPPAGE_BUCKETS: tuple[float, ...] = (
     -10.0, -5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, math.inf)
 
 
+#: Upper bounds of the stage-latency histogram buckets, seconds.
+STAGE_BUCKETS: tuple[float, ...] = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, math.inf)
+
+#: Where a record's time goes in a worker, per agent (``execution_stage_seconds``): ``kafka``
+#: from the record's timestamp (its producer's send) until Faust's conductor took it from the
+#: consumer (broker, fetch, the consumer thread's hand-over); ``faust`` from there to the
+#: agent's handler (Faust's stream delivery, the batch window); ``commit`` the batch's commit
+#: (outputs acked, tables written, after-commit work), once per batch.
+STAGES: tuple[str, ...] = ("kafka", "faust", "commit")
+
+
 @dataclass
 class Histogram:
     """A Prometheus histogram: fixed buckets, counters that only grow (per process)."""
@@ -99,6 +111,17 @@ class Metrics:
         if name not in COUNTERS:
             raise ValueError(f"undeclared counter {name!r}: add it to app.runtime.COUNTERS")
         self.counters[(name, tuple(sorted(labels.items())))] += n
+
+    #: (agent, stage) -> seconds, exposed as ``execution_stage_seconds``.
+    stages: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+
+    def observe_stage(self, agent: str, stage: str, seconds: float) -> None:
+        hist = self.stages.get((agent, stage))
+        if hist is None:
+            if stage not in STAGES:
+                raise ValueError(f"unknown stage {stage!r}")
+            hist = self.stages[(agent, stage)] = Histogram(bounds=STAGE_BUCKETS)
+        hist.observe(seconds)
 
     def observe_slippage(self, symbol: str, pips: float) -> None:
         hist = self.slippage.get(symbol)

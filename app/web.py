@@ -26,6 +26,7 @@ from typing import Any
 
 import faust
 from faust.web import Request, Response, View
+from faust.sensors.monitor import Monitor
 from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -62,18 +63,56 @@ def prometheus(rt: Runtime, extra: list[tuple[str, dict[str, str], float]]) -> s
             hist.add_sample("execution_slippage_pips_count", {"symbol": symbol}, h.count)
             hist.add_sample("execution_slippage_pips_sum", {"symbol": symbol}, h.sum)
         yield hist
+        stages = HistogramMetricFamily(
+            "execution_stage_seconds", "time of a record in each stage of a worker, by agent (app.runtime.STAGES)",
+            labels=["agent", "stage"])
+        for (agent, stage), h in sorted(rt.metrics.stages.items()):
+            buckets = [("+Inf" if le == float("inf") else repr(le), n) for le, n in h.cumulative()]
+            stages.add_metric([agent, stage], buckets=buckets, sum_value=h.sum)
+        yield stages
         yield from gauge_families("execution", extra)
 
     return exposition(collect)
 
 
+class FaustSensor(PrometheusMonitor):
+    """Faust's Prometheus sensor for what its per-batch and per-rebalance hooks see: offsets
+    read and committed per partition (consumer lag), commit latency, rebalances and
+    assignments, send errors, web requests.  Its per-record hooks (every message, stream
+    event, table read or write and send) run Faust's base monitor only: on the worker's one
+    busy thread they cost several per cent of its time (bench/README.md), and the service's
+    own counters already count what matters per record.  The families those hooks would
+    fill are not exported, rather than exported at 0."""
+
+    on_message_in = Monitor.on_message_in
+    on_stream_event_in = Monitor.on_stream_event_in
+    on_stream_event_out = Monitor.on_stream_event_out
+    on_message_out = Monitor.on_message_out
+    on_table_get = Monitor.on_table_get
+    on_table_set = Monitor.on_table_set
+    on_table_del = Monitor.on_table_del
+    on_send_initiated = Monitor.on_send_initiated
+    on_send_completed = Monitor.on_send_completed
+
+    PER_RECORD = ("messages_received", "active_messages", "messages_received_per_topics",
+                  "messages_received_per_topics_partition", "events_runtime_latency", "total_events",
+                  "total_active_events", "total_events_per_stream", "table_operations", "topic_messages_sent",
+                  "total_sent_messages", "producer_send_latency")
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry, prefix: str) -> "FaustSensor":
+        metrics = FaustMetrics.create(registry, prefix)
+        for name in cls.PER_RECORD:
+            registry.unregister(getattr(metrics, name))
+        return cls(metrics=metrics)
+
+
 def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
     broker_check: dict[str, Any] = {"at": 0.0, "ok": False}
-    # Faust's own Prometheus sensor (messages and events in and out, commit latency, consumer
-    # and producer timings, rebalances, table operations) as execution_faust_*, served with
-    # the service's metrics on /metrics.
+    # Faust's own Prometheus sensor (FaustSensor) as execution_faust_*, served with the
+    # service's metrics on /metrics.
     faust_registry = CollectorRegistry(auto_describe=True)
-    app.monitor = PrometheusMonitor(metrics=FaustMetrics.create(faust_registry, "execution_faust"))
+    app.monitor = FaustSensor.create(faust_registry, "execution_faust")
 
     async def broker_reachable() -> bool:
         if time.monotonic() - broker_check["at"] < 2.0:

@@ -30,7 +30,8 @@ def broker_line(settings: Any, broker: str) -> str:
     return (f"broker: {broker_name(broker)} ({settings.profile.value} profile); "
             f"producer_max_batch_size={settings.effective('producer_max_batch_size')}; "
             f"producer_linger_ms={settings.effective('producer_linger_ms')}; "
-            f"broker_end_offsets_check={settings.effective('broker_end_offsets_check')}")
+            f"broker_end_offsets_check={settings.effective('broker_end_offsets_check')}; "
+            f"consumer_fetch_max_wait_ms={settings.effective('consumer_fetch_max_wait_ms')}")
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -5,6 +5,7 @@ timed here: the figures themselves are only printed by the scripts."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def test_recovery_reads_the_replay_from_faust_log_lines():
     assert rec.changelog_topic("execution") == "execution-orders-changelog"
 
 
+def test_latency_bucket_quantile_matches_prometheus():
+    lat = load("latency")
+    buckets = [(0.001, 0.0), (0.002, 10.0), (0.005, 90.0), (0.01, 100.0), (math.inf, 100.0)]
+    assert lat.bucket_quantile(0.5, buckets) == pytest.approx(0.002 + 0.003 * 40 / 80)
+    assert lat.bucket_quantile(0.05, buckets) == pytest.approx(0.001 + 0.001 * 5 / 10)
+    assert lat.bucket_quantile(0.99, buckets) == pytest.approx(0.005 + 0.005 * 9 / 10)
+    assert math.isnan(lat.bucket_quantile(0.5, [(math.inf, 0.0)]))
+
+
 def test_latency_percentiles_and_trend():
     lat = load("latency")
     values = [float(v) for v in range(1, 1001)]
@@ -105,6 +115,10 @@ async def test_latency_script_every_signal_reaches_the_broker(capsys):
     assert len(svc.handled) == 25 and "Kafka -> handler" in out  # and its order's handler time
     assert all(svc.in_kafka[c] - 0.002 <= svc.handled[c] <= svc.received[c] for c in svc.order)
     assert "reached the broker 25/25" in out and "p50 ms" in out and "MISSING" not in out
+    # the worker's own stage timers: every signal (and its fill) timed into the orders agent
+    stages = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("    orders ")}
+    assert set(stages) >= {"kafka", "faust", "commit"}, out
+    assert float(stages["kafka"][-1]) >= 25 and float(stages["faust"][-1]) >= 25
 
 
 @pytest.mark.slow
@@ -154,3 +168,12 @@ async def test_fetch_wait_script_reads_every_record(capsys):
     text = capsys.readouterr().out
     assert "broker: Tansu" in text and "(local profile)" in text and "fetch_max_wait_ms" in text
     assert set(out) == {50, 5} and all(len(v) == 10 and v[0] >= 0 for v in out.values())
+
+
+@pytest.mark.slow
+async def test_idle_script_measures_the_worker_at_each_fetch_wait(capsys):
+    rows = await load("idle").main(["--waits", "1500", "50", "--seconds", "2", "--broker", "kafka"])
+    text = capsys.readouterr().out
+    assert "broker: Apache Kafka" in text and "(production profile)" in text and "worker % core" in text
+    assert [w for w, _, _ in rows] == [1500, 50]
+    assert all(worker > 0 and broker > 0 for _, worker, broker in rows)  # a running worker costs something

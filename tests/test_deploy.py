@@ -160,11 +160,12 @@ def test_the_monitoring_uses_only_metrics_the_service_exports():
     worker = {f"execution_{n}_total" for n in COUNTERS} | {
         "execution_slippage_pips", "execution_consumer_lag", "execution_open_orders", "execution_ready",
         "execution_config_revision", "execution_config_rejected"}
-    from faust.sensors.prometheus import FaustMetrics
     from prometheus_client import CollectorRegistry
 
+    from app.web import FaustSensor
+
     registry = CollectorRegistry()
-    FaustMetrics.create(registry, "execution_faust")  # the worker's Faust sensor (app/web.py)
+    FaustSensor.create(registry, "execution_faust")  # the worker's Faust sensor
     worker |= {m.name for m in registry.collect()}
     bridge_sink = {"execution_bridge_forwarded_total", "execution_bridge_dead_letters_total",
                    "execution_sink_rows_total", "execution_sink_dead_lettered_total", "execution_sink_pending_records"}

@@ -146,17 +146,73 @@ async def test_one_partition_waiting_does_not_hold_back_the_others_writes():
 # --- 3 and 4. Tansu's settings ----------------------------------------------------------------
 
 
-def test_the_production_profile_keeps_fausts_fetch_wait_and_end_offsets():
-    """(3, 4) are Tansu's: with the production profile (Apache Kafka) Faust's methods stay."""
+def test_the_production_profile_keeps_fausts_end_offsets_and_sets_the_fetch_wait():
+    """(4) is Tansu's: with the production profile (Apache Kafka) Faust's method stays; (3)
+    sets the fetch wait in both profiles, and Faust's method is back for its own 1,500 ms."""
     try:
         install(Settings(profile=Profile.PRODUCTION))
-        assert AIOKafkaConsumerThread._create_worker_consumer is faust_patches._create_consumer
+        assert AIOKafkaConsumerThread._create_worker_consumer is not faust_patches._create_consumer
         assert AIOKafkaConsumerThread._highwaters is faust_patches._faust_highwaters
+        install(Settings(profile=Profile.PRODUCTION, consumer_fetch_max_wait_ms=faust_patches.FAUST_FETCH_MAX_WAIT_MS))
+        assert AIOKafkaConsumerThread._create_worker_consumer is faust_patches._create_consumer
         install(Settings(profile=Profile.LOCAL))
         assert AIOKafkaConsumerThread._create_worker_consumer is not faust_patches._create_consumer
         assert AIOKafkaConsumerThread._highwaters is not faust_patches._faust_highwaters
     finally:
         install(Settings())
+
+
+@pytest.mark.parametrize("wait_ms", [faust_patches.FAUST_FETCH_MAX_WAIT_MS, "production"])
+async def test_a_record_waits_for_the_fetch_in_flight_on_another_partition(stack, settings, wait_ms):
+    """(3) on Apache Kafka: aiokafka keeps one fetch in flight per broker and, once fetched
+    records have waited ``prefetch_backoff`` (0.1 s) for a busy reader, sends it without their
+    partitions.  Partition 1 holds one such record; the fetch in flight is for partition 0
+    alone, with nothing to return, so the broker keeps it for the whole wait.  A record
+    produced to partition 1 once its buffer is read waits for that fetch: with Faust's
+    1,500 ms it is not delivered within the 0.7 s this test gives it (the control); with the
+    production profile's wait it is."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    if wait_ms == "production":
+        wait_ms = Settings(profile=Profile.PRODUCTION).effective("consumer_fetch_max_wait_ms")
+        assert wait_ms <= 100
+    topic = f"fetch-wait-{wait_ms}"
+    admin = AIOKafkaAdminClient(**settings.aiokafka_common())
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 2, 1)])
+    finally:
+        await admin.close()
+    p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    producer = AIOKafkaProducer(**settings.aiokafka_common(), linger_ms=20)
+    consumer = AIOKafkaConsumer(**settings.aiokafka_common(), enable_auto_commit=False, fetch_max_wait_ms=wait_ms)
+    await producer.start()
+    await consumer.start()
+    try:
+        consumer.assign([p0, p1])
+        await consumer.seek_to_end(p0, p1)
+        # one batch (linger) so that one fetch brings both
+        sent = [await producer.send(topic, v, partition=1) for v in (b"1", b"2")]
+        await asyncio.gather(*sent)
+        first = await consumer.getmany(p1, timeout_ms=10_000, max_records=1)  # "2" stays buffered
+        assert [r.value for r in first[p1]] == [b"1"]
+        # a busy reader: the fetcher gives up waiting for it and sends partition 0's fetch alone
+        deadline = time.monotonic() + 10
+        while not consumer._fetcher._in_flight:
+            assert time.monotonic() < deadline, "no fetch sent while partition 1 holds a record"
+            await asyncio.sleep(0.01)
+        assert [r.value for r in (await consumer.getmany(p1, timeout_ms=10_000, max_records=1))[p1]] == [b"2"]
+        await producer.send_and_wait(topic, b"3", partition=1)
+        late = await consumer.getmany(p1, timeout_ms=700)
+        delivered = [r.value for r in late.get(p1, [])]
+        if wait_ms == faust_patches.FAUST_FETCH_MAX_WAIT_MS:
+            assert delivered == [], "the control: the record waits for the fetch in flight"
+        else:
+            assert delivered == [b"3"]
+    finally:
+        await consumer.stop()
+        await producer.stop()
 
 
 # --- 5. skipped offsets -----------------------------------------------------------------------

@@ -73,3 +73,56 @@ def test_every_declared_counter_is_exported_from_the_start_and_others_are_refuse
     assert values[("execution_orders_created_total", ())] == 0
     with pytest.raises(ValueError, match="undeclared counter"):
         m.inc("filsl")
+
+
+async def test_a_batch_times_each_record_by_stage():
+    import time
+
+    from faust.types import Message
+
+    from agents.common import process_batch
+
+    def message(offset: int, produced_ago: float, in_faust_for: float | None) -> Message:
+        m = Message("signals.approved", 0, offset, time.time() - produced_ago, 0, None, b"k", b"v", None,
+                    time_in=None if in_faust_for is None else time.monotonic() - in_faust_for, generation_id=1)
+        return m
+
+    rt = SimpleNamespace(metrics=Metrics())
+    ctx = SimpleNamespace(app=SimpleNamespace(consumer_generation_id=1), rt=rt)
+    events = [SimpleNamespace(message=message(1, 0.30, 0.10)), SimpleNamespace(message=message(2, 5.0, None))]
+    await process_batch(ctx, events, lambda event, batch: None, lambda e: "signals.dlq", "orders")
+
+    stages = {}
+    for family in text_string_to_metric_families(prometheus(rt, [])):
+        if family.name == "execution_stage_seconds":
+            for s in family.samples:
+                stages[(s.labels["stage"], s.name.rsplit("_", 1)[-1], s.labels.get("le"))] = s.value
+    # one record timed (the other never went through Faust's monitor), split at the conductor
+    assert stages[("kafka", "count", None)] == 1 and stages[("faust", "count", None)] == 1
+    assert stages[("kafka", "sum", None)] == pytest.approx(0.20, abs=0.05)
+    assert stages[("faust", "sum", None)] == pytest.approx(0.10, abs=0.05)
+    assert stages[("faust", "bucket", "0.05")] == 0 and stages[("faust", "bucket", "0.2")] == 1
+    assert ("commit", "count", None) not in stages, "an empty batch commits nothing"
+    with pytest.raises(ValueError):
+        rt.metrics.observe_stage("orders", "elsewhere", 1.0)
+
+
+def test_fausts_sensor_keeps_per_partition_and_rebalance_metrics_and_skips_per_record_ones():
+    from faust.types import TP, Message
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from app.web import FaustSensor
+
+    registry = CollectorRegistry()
+    sensor = FaustSensor.create(registry, "execution_faust")
+    message = Message("fills", 1, 7, 0.0, 0, None, b"k", b"v", None)
+    sensor.on_message_in(TP("fills", 1), 7, message)
+    assert message.time_in is not None, "Faust's base monitor still times the message (execution_stage_seconds)"
+    sensor.on_tp_commit({TP("fills", 1): 8})
+    names = {f.name for f in registry.collect()}
+    assert {"execution_faust_consumer_commit_latency", "execution_faust_rebalance_done_latency",
+            "execution_faust_total_rebalances", "execution_faust_topic_partition_offset_commited",
+            "execution_faust_topic_partition_end_offset"} <= names
+    assert not names & {f"execution_faust_{n}" for n in FaustSensor.PER_RECORD}
+    text = generate_latest(registry).decode()
+    assert 'execution_faust_topic_partition_offset_commited{partition="1",topic="fills"} 8.0' in text
