@@ -32,7 +32,7 @@ SLIPPAGE_BUCKETS: tuple[float, ...] = (
 
 #: Upper bounds of the stage-latency histogram buckets, seconds.
 STAGE_BUCKETS: tuple[float, ...] = (
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, math.inf)
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, math.inf)
 
 #: Where a record's time goes in a worker, per agent (``execution_stage_seconds``): ``kafka``
 #: from the record's timestamp (its producer's send) until Faust's conductor took it from the
