@@ -34,10 +34,14 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
 9. **A paused partition stays paused while its agent's queue drains** (``Consumer``'s
    ``pause_partitions``, ``on_buffer_full``): a drain could make a
    partition that a rebalance had paused active again, before recovery sought it.
+11. **Batches without polling** (``Stream.take_events``): an agent waiting for its next batch
+   woke every batch window (2 ms) with nothing to do, a tenth of a core for an idle worker and
+   a quarter of a busy one's CPU per signal (``bench/README.md``); it now waits for the first
+   event, then the window, as before.
 
 Proof of each, and its control (Faust's or mode's own code run in the same scenario, showing
 the fault; the patched test also fails when the patch is not installed).  Faults (1, 2, 5, 7,
-8, 9) are in Faust's and mode's code, before any broker, so their controls need no server;
+8, 9, 11) are in Faust's and mode's code, before any broker, so their controls need no server;
 on Apache Kafka the chaos tests (``tests/test_chaos.py``, which also assert that (5) never
 fired) guard them end to end.  (4) works around Tansu and acts only in the local profile:
 the production profile (Apache Kafka) keeps Faust's method.  (3) acts in both (its control
@@ -64,6 +68,8 @@ same tables and persisted offsets.
 10   test_faust_patches_recovery.py::test_bulk_recovery_..  Kafka        Faust's replay (setting off)
      (test_faust_patches.py: it stops writing when a        none         the same tables' contents
      rebalance begins; bench/recovery.py: records/s)
+11   test_faust_patches.py::test_an_idle_agent_does_...     none         Faust wakes every window
+     (bench/idle.py, bench/throughput.py: CPU)
 ===  =====================================================  ===========  ==========================
 """
 
@@ -73,15 +79,19 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, Callable
 
+from faust.streams import Stream, _tracks_buffer_agen
 from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.producer import ProducerBuffer
 from mode import Service
+from mode.utils.aiter import aiter
+from mode.utils.futures import notify
+from mode.utils.times import want_seconds
 from mode.worker import Worker
 
 from app.kafka_io import end_offsets
@@ -127,6 +137,7 @@ def install(settings: Settings) -> None:
     Consumer.on_buffer_full = _on_buffer_full  # type: ignore[method-assign]
     Recovery._seek_offsets = _seek_offsets  # type: ignore[method-assign]
     Recovery.on_partitions_revoked = _on_partitions_revoked  # type: ignore[method-assign]
+    Stream.take_events = _take_events  # type: ignore[method-assign]
     _set_bulk(bool(settings.effective("bulk_recovery")), settings)
     _set_consumer(
         fetch_max_wait_ms=settings.effective("consumer_fetch_max_wait_ms"),
@@ -732,6 +743,80 @@ async def _bulk_replay(self: Recovery, tps: set, offsets: Any) -> int:
                   applied, seconds, applied / seconds if seconds > 0 else 0.0, left)
     return applied
 
+
+
+# --- 11. batches without polling -----------------------------------------------------------
+# Faust's ``Stream.take_events`` waits for a full buffer with the batch window as a timeout, in
+# a loop: an agent with nothing to do wakes every ``within`` (``agent_batch_within``, 2 ms: 500
+# times a second per agent), which cost an idle worker about 9 % of a core and a busy one the
+# same in wake-ups that find nothing.  The same generator, but it first waits, without a
+# timeout, for the first event of a batch, then up to ``within`` for the rest or a full buffer,
+# as before.
+
+
+_faust_take_events = Stream.take_events
+
+
+@_tracks_buffer_agen
+async def _take_events(self: Stream, max_: int, within: Any) -> AsyncGenerator[Sequence[Any], None]:
+    buffer: list[Any] = []
+    events: list[Any] = []
+    buffer_full = asyncio.Event()
+    buffer_consumed = asyncio.Event()
+    buffer_started = asyncio.Event()  # the one change: set by the first event of a batch
+    timeout = want_seconds(within) if within else None
+    stream_enable_acks: bool = self.enable_acks
+    buffer_consuming: asyncio.Future | None = None
+    channel_it = aiter(self.channel)
+
+    async def add_to_buffer(value: Any) -> Any:
+        try:
+            nonlocal buffer_consuming
+            if buffer_consuming is not None:
+                try:
+                    await buffer_consuming
+                finally:
+                    buffer_consuming = None
+            buffer.append(value)
+            event = self.current_event
+            if event is None:
+                raise RuntimeError("Take buffer found current_event is None")
+            events.append(event)
+            buffer_started.set()
+            if len(buffer) >= max_:
+                buffer_full.set()
+                buffer_consumed.clear()
+                await self.wait(buffer_consumed)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.exception("Error adding to take buffer: %r", exc)
+            await self.crash(exc)
+        return value
+
+    self.enable_acks = False
+    self.add_processor(add_to_buffer)
+    self._enable_passive(channel_it)
+    try:
+        while not self.should_stop:
+            await self.wait_for_stopped(buffer_started)  # type: ignore[arg-type]
+            await self.wait_for_stopped(buffer_full, timeout=timeout)  # type: ignore[arg-type]
+            if buffer:
+                buffer_consuming = self.loop.create_future()
+                try:
+                    yield list(events)
+                finally:
+                    buffer.clear()
+                    for event in events:
+                        await self.ack(event)
+                    events.clear()
+                    notify(buffer_consuming)
+                    buffer_full.clear()
+                    buffer_started.clear()
+                    buffer_consumed.set()
+    finally:
+        self.enable_acks = stream_enable_acks
+        self._processors.remove(add_to_buffer)
 
 
 # --- reading Faust's and aiokafka's private state ------------------------------------------

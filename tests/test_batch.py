@@ -4,13 +4,16 @@ the integration tests run both against Tansu; these pin down the rules in millis
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 from faust.streams import current_event
 from faust.transport.producer import ProducerBuffer
+from faust.types import Message
 
 from agents.common import BadInput, Batch, process_batch
 from app import faust_patches
+from app.runtime import Metrics
 
 
 class Table(dict):
@@ -49,12 +52,12 @@ class Event(SimpleNamespace):
 
 
 def event(topic: str, value: bytes, offset: int) -> Event:
-    return Event(value=value, message=SimpleNamespace(topic=topic, partition=0, offset=offset, key=b"k", value=value,
-                                                      generation_id=1, acked=False))
+    return Event(value=value, message=Message(topic, 0, offset, time.time(), 0, None, b"k", value, None,
+                                              time_in=time.monotonic(), generation_id=1))
 
 
 def context(sent: dict[str, list]) -> SimpleNamespace:
-    return SimpleNamespace(rt=SimpleNamespace(metrics=SimpleNamespace(inc=lambda *a, **k: None)),
+    return SimpleNamespace(rt=SimpleNamespace(metrics=Metrics()),
                            app=SimpleNamespace(consumer_generation_id=1, producer=Producer(sent)))
 
 

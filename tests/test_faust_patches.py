@@ -548,3 +548,48 @@ async def test_records_fausts_replay_took_meanwhile_are_written_before_the_bulks
     stub.flush_buffers()  # as Faust does when its replay ends: without the bulk's flush, k0 = v6
     assert dict(stub.db.items()) == {b"k0": b"v9", b"k1": b"v7", b"k2": b"v8", b"__faust\0offset__": b"9"}
     stub.db.close()
+
+
+# --- 11. batches without polling --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("faust_own", [True, False], ids=["faust", "patched"])
+async def test_an_idle_agent_does_not_poll_for_its_next_batch(faust_own: bool, monkeypatch):
+    """(11) Faust's ``take_events`` wakes every batch window while nothing arrives (the
+    control); the patched one waits for the first event.  Both hand over the same batches."""
+    import faust
+    from faust import Stream
+
+    install(Settings())
+    if faust_own:
+        monkeypatch.setattr(Stream, "take_events", faust_patches._faust_take_events)
+    waits: list = []
+    own_wait = Stream.wait_for_stopped
+
+    async def counting(self, *args, **kwargs):
+        waits.append(kwargs.get("timeout"))
+        return await own_wait(self, *args, **kwargs)
+
+    monkeypatch.setattr(Stream, "wait_for_stopped", counting)
+    app = faust.App(f"take-{faust_own}", autodiscover=False)
+    batches: list[list[int]] = []
+
+    @app.agent()
+    async def take(stream):
+        async for events in stream.take_events(10, within=0.002):
+            batches.append([e.value for e in events])
+
+    async with take.test_context() as agent:
+        await asyncio.sleep(0.2)  # the idle window whose wake-ups are counted (100 batch windows)
+        idle = len(waits)
+        for v in range(3):
+            await agent.put(v)
+        deadline = time.monotonic() + 10
+        while sum(map(len, batches)) < 3:
+            assert time.monotonic() < deadline, batches
+            await asyncio.sleep(0.01)
+    assert [v for b in batches for v in b] == [0, 1, 2]
+    if faust_own:
+        assert idle >= 10, "the control: Faust's loop wakes every batch window"
+    else:
+        assert idle <= 1, waits
