@@ -164,9 +164,11 @@ async def orders(pipe: Pipeline) -> dict[str, str]:
     await pipe.publish_signals(list(signals.values()))
     ids = {name: oid(s["signal_id"]) for name, s in signals.items()}
     ids["market"] = ids[f"market-{ACCOUNT}"]
-    states = await pipe.wait_orders(list(ids.values()), done=lambda o: o.state in (OrderState.FILLED, OrderState.SUBMITTED))
-    assert all(states[ids[n]].state is OrderState.FILLED for n in markets)
-    assert all(states[ids[n]].state is OrderState.SUBMITTED for n in limits)
+    # A market order passes SUBMITTED on its way to FILLED: each kind is waited for in its own state.
+    states = await pipe.wait_orders([ids[n] for n in markets], done=lambda o: o.state.is_final)
+    states.update(await pipe.wait_orders([ids[n] for n in limits], done=lambda o: o.state is not OrderState.PENDING))
+    assert all(states[ids[n]].state is OrderState.FILLED for n in markets), states
+    assert all(states[ids[n]].state is OrderState.SUBMITTED for n in limits), states
     # The positions are in the positions table once the positions agent applied the fills.
     port = workers(pipe)[0].web_port
     for account in (ACCOUNT, NATS_ACCOUNT, CLI_ACCOUNT):
