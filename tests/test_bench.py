@@ -172,8 +172,8 @@ async def test_fetch_wait_script_reads_every_record(capsys):
 
 @pytest.mark.slow
 async def test_idle_script_measures_the_worker_at_each_fetch_wait(capsys):
-    rows = await load("idle").main(["--waits", "1500", "50", "--seconds", "2", "--broker", "kafka"])
+    rows = await load("idle").main(["--waits", "50", "--seconds", "2", "--broker", "kafka"])
     text = capsys.readouterr().out
     assert "broker: Apache Kafka" in text and "(production profile)" in text and "worker % core" in text
-    assert [w for w, _, _ in rows] == [1500, 50]
+    assert [w for w, _, _ in rows] == [50]
     assert all(worker > 0 and broker > 0 for _, worker, broker in rows)  # a running worker costs something
