@@ -107,13 +107,13 @@ class Metrics:
     #: symbol -> slippage histogram (pips), exposed as ``execution_slippage_pips``.
     slippage: dict[str, Histogram] = field(default_factory=dict)
 
+    #: (agent, stage) -> seconds, exposed as ``execution_stage_seconds``.
+    stages: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+
     def inc(self, name: str, n: int = 1, **labels: str) -> None:
         if name not in COUNTERS:
             raise ValueError(f"undeclared counter {name!r}: add it to app.runtime.COUNTERS")
         self.counters[(name, tuple(sorted(labels.items())))] += n
-
-    #: (agent, stage) -> seconds, exposed as ``execution_stage_seconds``.
-    stages: dict[tuple[str, str], Histogram] = field(default_factory=dict)
 
     def observe_stage(self, agent: str, stage: str, seconds: float) -> None:
         hist = self.stages.get((agent, stage))
@@ -169,7 +169,6 @@ class Runtime:
             "config hub unavailable: safe defaults stay", lambda: asyncio.wait_for(self.hub.start(nc), timeout=10),
             initial=1.0, maximum=30.0, on_failure=lambda _exc: self.hub.stop(), logger=log)
         log.info("config hub: following %s (revision %s)", "execution_config/execution", self.hub.revision)
-        return self._nc
 
     async def jetstream(self) -> Any:
         await self.nats()

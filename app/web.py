@@ -35,8 +35,13 @@ from app import commands_api, openapi
 from app.faust_patches import active_partitions, paused_partitions, read_offset, read_offsets
 from app.models import OrderState, position_key, to_dict
 from app.http_server import exposition, gauge_families
-from app.runtime import COUNTERS, Runtime
+from app.runtime import COUNTERS, Histogram, Runtime
 from tables.definitions import Tables
+
+
+def _buckets(h: Histogram) -> list[tuple[str, int]]:
+    """A histogram's cumulative buckets as prometheus_client takes them (``le`` as text)."""
+    return [("+Inf" if le == float("inf") else repr(le), n) for le, n in h.cumulative()]
 
 
 def prometheus(rt: Runtime, extra: list[tuple[str, dict[str, str], float]]) -> str:
@@ -56,8 +61,7 @@ def prometheus(rt: Runtime, extra: list[tuple[str, dict[str, str], float]]) -> s
                                      labels=["symbol"])
         for symbol, h in sorted(rt.metrics.slippage.items()):
             # Cumulative counts kept since the process started (never re-bucketed from samples).
-            buckets = [("+Inf" if le == float("inf") else repr(le), n) for le, n in h.cumulative()]
-            hist.add_metric([symbol], buckets=buckets, sum_value=None)
+            hist.add_metric([symbol], buckets=_buckets(h), sum_value=None)
             # prometheus_client leaves _count and _sum out when a bucket is negative (gauge
             # histograms); slippage has favourable, negative values and is counted all the same.
             hist.add_sample("execution_slippage_pips_count", {"symbol": symbol}, h.count)
@@ -67,8 +71,7 @@ def prometheus(rt: Runtime, extra: list[tuple[str, dict[str, str], float]]) -> s
             "execution_stage_seconds", "time of a record in each stage of a worker, by agent (app.runtime.STAGES)",
             labels=["agent", "stage"])
         for (agent, stage), h in sorted(rt.metrics.stages.items()):
-            buckets = [("+Inf" if le == float("inf") else repr(le), n) for le, n in h.cumulative()]
-            stages.add_metric([agent, stage], buckets=buckets, sum_value=h.sum)
+            stages.add_metric([agent, stage], buckets=_buckets(h), sum_value=h.sum)
         yield stages
         yield from gauge_families("execution", extra)
 
@@ -134,6 +137,10 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
         recovery = app.tables.recovery
         return recovery.completed.is_set() and not recovery.in_recovery and not app.rebalancing
 
+    async def readiness() -> tuple[bool, bool]:
+        """(broker reachable, tables recovered): ready when both (``/readyz``, ``execution_ready``)."""
+        return await broker_reachable(), recovered()
+
     @app.page("/livez")
     class Live(View):
         """Liveness: the event loop answers and the app has not crashed.  Never depends on
@@ -156,7 +163,7 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
     @app.page("/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
-            broker, tables_ok = await broker_reachable(), recovered()
+            broker, tables_ok = await readiness()
             body = {
                 "status": "ok" if broker and tables_ok else "unavailable",
                 "broker": broker,
@@ -195,8 +202,7 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
             for state, n in states.items():
                 if not OrderState(state).is_final:
                     extra.append(("open_orders", {"state": state}, n))
-            ready = await broker_reachable() and recovered()
-            extra.append(("ready", {}, int(ready)))  # 1 when /readyz answers 200
+            extra.append(("ready", {}, int(all(await readiness()))))  # 1 when /readyz answers 200
             extra.append(("config_revision", {}, rt.hub.revision))
             extra.append(("config_rejected", {}, rt.hub.rejected))
             text = prometheus(rt, extra) + generate_latest(faust_registry).decode()

@@ -56,7 +56,7 @@ from app.http_server import ProbeServer
 from app.kafka_io import end_offsets
 from app.models import DeadLetter, DecodeError, Execution, Order, OrderEvent, Position, from_json
 from app.settings import Settings
-from app.sinks.clickhouse import TABLES_BY_NAME, ClickHouseStore, to_row
+from app.sinks.clickhouse import TABLES, TABLES_BY_NAME, ClickHouseStore, to_row
 from app.topics import (
     EXECUTIONS,
     EXECUTIONS_DLQ,
@@ -83,7 +83,7 @@ SOURCES: dict[str, tuple[str, type[BaseModel] | None]] = {
     POSITIONS_DISCREPANCIES: ("positions_discrepancies", Discrepancy),
     **{dlq: ("dead_letters", None) for dlq in (SIGNALS_DLQ, FILLS_DLQ, EXECUTIONS_DLQ, SINK_DLQ)},
 }
-TABLE_ORDER = ("orders", "executions", "positions", "order_execution_archive", "positions_discrepancies", "dead_letters")
+TABLE_ORDER = tuple(t.name for t in TABLES)
 #: Longest single wait in ``getmany``: bounds how long a stop takes to be noticed.
 MAX_POLL_WAIT = 0.5
 
