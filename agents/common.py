@@ -30,6 +30,7 @@ import faust
 from faust.streams import _current_event
 
 from app import retry
+from app.faust_patches import table_get
 from app.runtime import Runtime
 from app.topics import MAX_REASON_BYTES, dead_letter_value
 from tables.definitions import Tables
@@ -119,7 +120,7 @@ class Batch:
     def get(self, table: Any, key: Any) -> Any:
         held = self.writes.get((id(table), key))
         if held is None:
-            return table.get(key)
+            return table_get(table, key)
         return None if held[2] is _DELETED else held[2]
 
     def put(self, table: Any, key: Any, value: Any) -> None:

@@ -36,6 +36,7 @@ from agents.common import (
     until_done,
 )
 from app.execution_client import ExecutionClient
+from app.faust_patches import table_get
 from app.models import (
     ApprovedSignal,
     CommandKind,
@@ -590,7 +591,7 @@ class OrdersAgent:
             expired = expires is not None and expires <= now
             if not expired and opened is not None and now - opened < youngest_due:
                 continue  # too young for either check (no order read)
-            order: Order | None = self.t.orders.get(order_id)
+            order: Order | None = table_get(self.t.orders, order_id)
             if order is None or order.state.is_final:
                 continue
             mono = time.monotonic()

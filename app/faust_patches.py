@@ -38,6 +38,15 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
    woke every batch window (2 ms) with nothing to do, a tenth of a core for an idle worker and
    a quarter of a busy one's CPU per signal (``bench/README.md``); it now waits for the first
    event, then the window, as before.
+12. **One persisted-offset write per changelog partition and produce round**
+   (``Collection._on_changelog_sent``): Faust writes the changelog offset into the partition's
+   RocksDB after every acknowledged table write; the acks of one produce response arrive
+   together, and only the highest offset of each partition is kept, so it is written once,
+   on the next turn of the event loop.  (At-least-once only: a crash in between replays a
+   few more changelog records, which rewrite the same values.)
+
+Reading tables: :func:`table_get` reads a table with one store lookup where ``Table.get``
+made two (``key in store``, then ``store[key]``) and went through Faust's sensors.
 
 Proof of each, and its control (Faust's or mode's own code run in the same scenario, showing
 the fault; the patched test also fails when the patch is not installed).  Faults (1, 2, 5, 7,
@@ -70,6 +79,8 @@ same tables and persisted offsets.
      rebalance begins; bench/recovery.py: records/s)
 11   test_faust_patches.py::test_an_idle_agent_does_...     none         Faust wakes every window
      (bench/idle.py, bench/throughput.py: CPU)
+12   test_faust_patches.py::test_one_offset_write_per_...   none         one write per record
+     (test_faust_patches_recovery.py: recovery from them)
 ===  =====================================================  ===========  ==========================
 """
 
@@ -82,7 +93,9 @@ from collections import deque
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, Callable
 
+from faust.stores.base import SerializedStore
 from faust.streams import Stream, _tracks_buffer_agen
+from faust.tables.base import Collection
 from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
@@ -100,7 +113,7 @@ from app.settings import Settings
 __all__ = [
     "install", "read_offset", "read_offsets", "committed_offset", "active_partitions", "paused_partitions",
     "buffered_partitions", "aiokafka_client", "partition_debug_view", "agent_queues", "bulk_eligible",
-    "BULK_START", "BULK_DONE",
+    "BULK_START", "BULK_DONE", "table_get",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,6 +151,7 @@ def install(settings: Settings) -> None:
     Recovery._seek_offsets = _seek_offsets  # type: ignore[method-assign]
     Recovery.on_partitions_revoked = _on_partitions_revoked  # type: ignore[method-assign]
     Stream.take_events = _take_events  # type: ignore[method-assign]
+    Collection._on_changelog_sent = _on_changelog_sent  # type: ignore[method-assign]
     _set_bulk(bool(settings.effective("bulk_recovery")), settings)
     _set_consumer(
         fetch_max_wait_ms=settings.effective("consumer_fetch_max_wait_ms"),
@@ -817,6 +831,48 @@ async def _take_events(self: Stream, max_: int, within: Any) -> AsyncGenerator[S
     finally:
         self.enable_acks = stream_enable_acks
         self._processors.remove(add_to_buffer)
+
+
+# --- 12. persisted offsets ---------------------------------------------------------------
+# Faust's callback for an acknowledged changelog record writes its offset into the
+# partition's RocksDB (``set_persisted_offset``): a RocksDB put per table write.  Here the
+# callback keeps the highest offset per (store, partition) and one call scheduled on the loop
+# writes them all.  Offsets are written after their records' acks, as before, so recovery
+# never skips a record; at most it replays some it already has.
+
+_faust_on_changelog_sent = Collection._on_changelog_sent
+_pending_offsets: dict[tuple[int, Any], tuple[Any, Any, int]] = {}
+
+
+def _on_changelog_sent(self: Collection, fut: Any) -> None:
+    if self.app.in_transaction:
+        _faust_on_changelog_sent(self, fut)
+        return
+    res = fut.result()
+    if not _pending_offsets:
+        asyncio.get_running_loop().call_soon(_write_offsets)
+    slot = (id(self.data), res.topic_partition)
+    held = _pending_offsets.get(slot)
+    if held is None or held[2] < res.offset:
+        _pending_offsets[slot] = (self.data, res.topic_partition, res.offset)
+
+
+def _write_offsets() -> None:
+    pending = list(_pending_offsets.values())
+    _pending_offsets.clear()
+    for store, tp, offset in pending:
+        store.set_persisted_offset(tp, offset)
+
+
+def table_get(table: Any, key: Any) -> Any:
+    """``table.get(key)`` with one store lookup (Faust's asks ``key in store`` first), without
+    Faust's per-read sensor call; tables without a serialized store (Faust's memory store, a
+    plain mapping) take their own ``get``."""
+    store = getattr(table, "data", None)
+    if not isinstance(store, SerializedStore):
+        return table.get(key)
+    raw = store._get(store._encode_key(key))
+    return None if raw is None else store._decode_value(raw)
 
 
 # --- reading Faust's and aiokafka's private state ------------------------------------------

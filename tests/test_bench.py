@@ -150,6 +150,20 @@ async def test_bridge_floor_script_runs_both_on_the_same_messages(capsys):
 
 
 @pytest.mark.slow
+async def test_worker_floor_script_repeats_the_records_of_the_run(capsys):
+    n = 40
+    result = await load("worker_floor").main(["--signals", str(n), "--broker", "kafka"])
+    out = capsys.readouterr().out
+    work = result["work"]
+    # per FILLED market order at least: the signal, the connector's answer, a fill, three
+    # snapshots (PENDING, SUBMITTED, FILLED), an execution; the floor loop took all of them
+    assert len(work.consumed) >= 7 * n and work.requests >= n and len(work.published) >= 3 * n
+    assert len(work.produced) > len(work.writes) >= 3 * n  # each order in three tables at least
+    assert "records per signal in the end-to-end run: consumed" in out and "ratio worker / floor" in out
+    assert result["worker_ms"] > 0 and result["paced_ms"] > 0 and result["backlog_ms"] > 0
+
+
+@pytest.mark.slow
 async def test_throughput_script_with_two_workers(capsys):
     result = await load("throughput").main(["--signals", "40", "--workers", "2", "--broker", "kafka"])
     out = capsys.readouterr().out

@@ -593,3 +593,63 @@ async def test_an_idle_agent_does_not_poll_for_its_next_batch(faust_own: bool, m
         assert idle >= 10, "the control: Faust's loop wakes every batch window"
     else:
         assert idle <= 1, waits
+
+
+# --- 12. persisted offsets, and table_get ---------------------------------------------------
+
+
+@pytest.mark.parametrize("faust_own", [True, False], ids=["faust", "patched"])
+async def test_one_offset_write_per_changelog_partition_and_round(faust_own: bool, tmp_path, monkeypatch):
+    """(12) The acks of one produce round arrive together: Faust writes the persisted offset
+    once per record (the control), the patched callback once per partition, the highest."""
+    import faust
+    from faust.stores.rocksdb import Store
+
+    install(Settings())
+    app = faust.App(f"offsets-{faust_own}", store="rocksdb://", datadir=str(tmp_path), autodiscover=False)
+    table = app.Table("t", key_type=bytes, value_type=bytes)
+    callback = faust_patches._faust_on_changelog_sent if faust_own else faust_patches._on_changelog_sent
+    writes: list[tuple[int, int]] = []
+    own = Store.set_persisted_offset
+
+    def counting(self, tp, offset: int) -> None:
+        writes.append((tp.partition, offset))
+        own(self, tp, offset)
+
+    monkeypatch.setattr(Store, "set_persisted_offset", counting)
+    tps = [TP("offsets-t-changelog", p) for p in (0, 1)]
+    for offset in range(5):  # one produce response: 5 records on each of two partitions
+        for tp in tps:
+            callback(table, SimpleNamespace(result=lambda tp=tp, o=offset: SimpleNamespace(topic_partition=tp, offset=o)))
+    await turns(2)
+    assert [table.data.persisted_offset(tp) for tp in tps] == [4, 4]
+    if faust_own:
+        assert len(writes) == 10, "the control: one RocksDB write per acknowledged record"
+    else:
+        assert sorted(writes) == [(0, 4), (1, 4)]
+
+
+def test_table_get_reads_what_table_get_reads(tmp_path):
+    import weakref
+
+    import faust
+    from faust.streams import _current_event
+
+    app = faust.App("table-get", store="rocksdb://", datadir=str(tmp_path), autodiscover=False)
+    table = app.Table("t", key_type=bytes, value_type=bytes)
+
+    class Event:  # what the store reads of the current event: its partition
+        def __init__(self, partition: int) -> None:
+            self.message = SimpleNamespace(partition=partition)
+
+    for partition, key in ((0, b"a"), (3, b"b")):
+        event = Event(partition)
+        token = _current_event.set(weakref.ref(event))
+        try:
+            table.data[key] = b"value of " + key
+        finally:
+            _current_event.reset(token)
+    for key in (b"a", b"b", b"missing"):
+        assert faust_patches.table_get(table, key) == table.get(key)
+    assert faust_patches.table_get(table, b"b") == b"value of b"
+    assert faust_patches.table_get(table, b"missing") is None
