@@ -151,8 +151,8 @@ async def test_bridge_floor_script_runs_both_on_the_same_messages(capsys):
 
 @pytest.mark.slow
 async def test_worker_floor_script_repeats_the_records_of_the_run(capsys):
-    n = 40
-    result = await load("worker_floor").main(["--signals", str(n), "--broker", "kafka"])
+    n = 30
+    result = await load("worker_floor").main(["--signals", str(n), "--rates", "--broker", "kafka"])
     out = capsys.readouterr().out
     work = result["work"]
     # per FILLED market order at least: the signal, the connector's answer, a fill, three
