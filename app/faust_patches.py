@@ -861,7 +861,11 @@ def _write_offsets() -> None:
     pending = list(_pending_offsets.values())
     _pending_offsets.clear()
     for store, tp, offset in pending:
-        store.set_persisted_offset(tp, offset)
+        try:
+            store.set_persisted_offset(tp, offset)
+        except Exception as exc:  # noqa: BLE001 - a missing offset only means a longer replay
+            log.warning("persisted offset %s of %s not written (%r): recovery replays from the previous one",
+                        offset, tp, exc)
 
 
 def table_get(table: Any, key: Any) -> Any:

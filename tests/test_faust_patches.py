@@ -653,3 +653,26 @@ def test_table_get_reads_what_table_get_reads(tmp_path):
         assert faust_patches.table_get(table, key) == table.get(key)
     assert faust_patches.table_get(table, b"b") == b"value of b"
     assert faust_patches.table_get(table, b"missing") is None
+
+
+async def test_an_offset_that_cannot_be_written_does_not_stop_the_others(tmp_path, monkeypatch):
+    import faust
+    from faust.stores.rocksdb import Store
+
+    install(Settings())
+    app = faust.App("offsets-fail", store="rocksdb://", datadir=str(tmp_path), autodiscover=False)
+    table = app.Table("t", key_type=bytes, value_type=bytes)
+    own = Store.set_persisted_offset
+
+    def failing(self, tp, offset: int) -> None:
+        if tp.partition == 0:
+            raise OSError("store closed")
+        own(self, tp, offset)
+
+    monkeypatch.setattr(Store, "set_persisted_offset", failing)
+    for p in (0, 1):
+        tp = TP("offsets-fail-t-changelog", p)
+        faust_patches._on_changelog_sent(table, SimpleNamespace(result=lambda tp=tp: SimpleNamespace(topic_partition=tp, offset=7)))
+    await turns(2)
+    assert table.data.persisted_offset(TP("offsets-fail-t-changelog", 1)) == 7
+    assert table.data.persisted_offset(TP("offsets-fail-t-changelog", 0)) is None
