@@ -1,4 +1,5 @@
-"""The orders agent: the single writer of ``orders``, ``signal_orders`` and ``open_orders``.
+"""The orders agent: the single writer of ``orders`` and ``signal_orders``, and the keeper of
+``open_orders`` (in memory, :mod:`tables.open_orders`).
 
 It consumes three co-partitioned topics, a batch of records at a time
 (:func:`agents.common.process_batch`: outputs acked, then tables written, then submissions
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -36,7 +38,7 @@ from agents.common import (
     until_done,
 )
 from app.execution_client import ExecutionClient
-from app.faust_patches import table_get
+from app.faust_patches import stored_items, table_get
 from app.models import (
     ApprovedSignal,
     CommandKind,
@@ -187,9 +189,9 @@ class OrdersAgent:
         return None
 
     def opened(self, order: Order, now: datetime, b: Batch) -> None:
-        """The order is open: watched by the timers until final (with its expiry, if any)."""
-        value = now.isoformat() if order.expires_at is None else f"{now.isoformat()}|{order.expires_at.isoformat()}"
-        b.put(self.t.open_orders, order.order_id, value.encode())
+        """The order is open: watched by the timers until final (with its expiry, if any),
+        once the batch is committed."""
+        b.later(lambda: self.t.open_orders.add(order.order_id, now, order.expires_at))
 
     # ------------------------------------------------------------------ fills
     def on_fill(self, raw: bytes, b: Batch) -> None:
@@ -504,11 +506,12 @@ class OrdersAgent:
             b.delete(self.t.orders, seen.order_id)
 
     def closed(self, order_id: str, b: Batch) -> None:
-        """The order is final: it leaves ``open_orders`` and the timers' memory."""
-        b.delete(self.t.open_orders, order_id)
+        """The order is final: it leaves ``open_orders`` and the timers' memory once the batch
+        is committed."""
         b.later(lambda: self.forget(order_id))
 
     def forget(self, order_id: str) -> None:
+        self.t.open_orders.remove(order_id)
         self.checked.pop(order_id, None)
         self.answered.pop(order_id, None)
 
@@ -585,14 +588,13 @@ class OrdersAgent:
         pending_grace = timedelta(seconds=sub.reply_timeout_seconds * (sub.submit_retries + 2) + 1)
         stuck_after = timedelta(seconds=sub.stuck_order_timeout_seconds)
         youngest_due = min(pending_grace, stuck_after)
-        for key, value in list(self.t.open_orders.items()):
-            order_id = key.decode() if isinstance(key, bytes) else key
-            opened, expires = _open_value(value)
+        for order_id, (opened, expires) in self.t.open_orders.items():
             expired = expires is not None and expires <= now
-            if not expired and opened is not None and now - opened < youngest_due:
+            if not expired and now - opened < youngest_due:
                 continue  # too young for either check (no order read)
             order: Order | None = table_get(self.t.orders, order_id)
             if order is None or order.state.is_final:
+                self.forget(order_id)  # read open by a rebuild that overlapped its last batch
                 continue
             mono = time.monotonic()
             if expired and not order.pending_command and order.state in (OrderState.SUBMITTED, OrderState.PARTIALLY_FILLED):
@@ -622,6 +624,31 @@ class OrdersAgent:
                     continue
                 self.checked[order_id] = mono
                 asyncio.create_task(self._check_stuck(order))
+
+    async def track_assignment(self) -> None:
+        """Rebuild ``open_orders`` from the ``orders`` table after the assignment changed (the
+        table is recovered by then: the timers do not run during a rebalance).  The scan hands
+        the event loop back every 1,000 orders and stops if a rebalance begins."""
+        assigned = frozenset(self.ctx.app.assignor.assigned_actives())
+        if self.t.open_orders.assignment == assigned:
+            return
+        app = self.ctx.app
+        started = time.monotonic()
+
+        async def scan() -> AsyncIterator[tuple[Any, bytes]]:
+            for n, item in enumerate(stored_items(self.t.orders), 1):
+                yield item
+                if n % 1000 == 0:
+                    await asyncio.sleep(0)
+                    if app.rebalancing:
+                        raise _Rebalancing
+
+        try:
+            n = await self.t.open_orders.rebuild(assigned, scan())
+        except _Rebalancing:
+            return  # rebuilt after this rebalance
+        log.info("open_orders: %d open orders on %d partitions, from the orders table in %.2f s",
+                 n, len(assigned), time.monotonic() - started)
 
     async def expire_signals(self) -> None:
         """Ask for the expiry of the dedupe entries past the window (through orders.commands,
@@ -656,14 +683,8 @@ def deal_event(fill: Fill, event_type: EventType, now: datetime, reason: str) ->
     )
 
 
-def _open_value(value: Any) -> tuple[datetime | None, datetime | None]:
-    """An ``open_orders`` value: when the order opened, and when it expires (if it does)."""
-    try:
-        text = value.decode() if isinstance(value, bytes) else str(value)
-        opened, _, expires = text.partition("|")
-        return datetime.fromisoformat(opened), datetime.fromisoformat(expires) if expires else None
-    except (TypeError, ValueError, AttributeError):
-        return None, None  # unreadable: read the order instead
+class _Rebalancing(Exception):
+    """A rebalance began while ``open_orders`` was being rebuilt."""
 
 
 def register(ctx: Context) -> OrdersAgent:
@@ -687,6 +708,7 @@ def register(ctx: Context) -> OrdersAgent:
     async def timers() -> None:
         if app.rebalancing or not app.assignor.assigned_actives():
             return
+        await worker.track_assignment()
         cfg = ctx.rt.config
         mono = time.monotonic()
         if mono - last["check"] >= cfg.submission.stuck_check_interval_seconds:

@@ -46,7 +46,9 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
    few more changelog records, which rewrite the same values.)
 
 Reading tables: :func:`table_get` reads a table with one store lookup where ``Table.get``
-made two (``key in store``, then ``store[key]``) and went through Faust's sensors.
+made two (``key in store``, then ``store[key]``) and went through Faust's sensors;
+:func:`stored_items` hands out a table's stored bytes undecoded (the open-orders index is
+rebuilt from them).
 
 Proof of each, and its control (Faust's or mode's own code run in the same scenario, showing
 the fault; the patched test also fails when the patch is not installed).  Faults (1, 2, 5, 7,
@@ -90,7 +92,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from typing import Any, Callable
 
 from faust.stores.base import SerializedStore
@@ -113,7 +115,7 @@ from app.settings import Settings
 __all__ = [
     "install", "read_offset", "read_offsets", "committed_offset", "active_partitions", "paused_partitions",
     "buffered_partitions", "aiokafka_client", "partition_debug_view", "agent_queues", "bulk_eligible",
-    "BULK_START", "BULK_DONE", "table_get",
+    "BULK_START", "BULK_DONE", "table_get", "stored_items",
 ]
 
 log = logging.getLogger(__name__)
@@ -877,6 +879,15 @@ def table_get(table: Any, key: Any) -> Any:
         return table.get(key)
     raw = store._get(store._encode_key(key))
     return None if raw is None else store._decode_value(raw)
+
+
+def stored_items(table: Any) -> Iterator[tuple[Any, Any]]:
+    """The (key, value) pairs a table holds for the partitions this worker is active for, as
+    stored (RocksDB bytes, undecoded); a table without a serialized store gives its items."""
+    store = getattr(table, "data", None)
+    if isinstance(store, SerializedStore):
+        return store._iteritems()
+    return iter(list(table.items()))
 
 
 # --- reading Faust's and aiokafka's private state ------------------------------------------

@@ -82,7 +82,7 @@ class PartitionCountMismatch(SystemExit):
 
 
 #: The Faust tables (``tables/definitions.py``): their changelogs are created here too.
-TABLES = ("signal_orders", "orders", "open_orders", "positions")
+TABLES = ("signal_orders", "orders", "positions")
 
 
 def changelog(table: str, settings: Settings) -> str:

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from app import commands_api, openapi
-from app.faust_patches import active_partitions, paused_partitions, read_offset, read_offsets
+from app.faust_patches import active_partitions, paused_partitions, read_offset, read_offsets, table_get
 from app.models import OrderState, position_key, to_dict
 from app.http_server import exposition, gauge_families
 from app.runtime import COUNTERS, Histogram, Runtime
@@ -195,8 +195,8 @@ def register(app: faust.App, rt: Runtime, tables: Tables) -> None:
                 lag = max(0, (hw or 0) - ((read + 1) if read is not None else 0))
                 extra.append(("consumer_lag", {"topic": tp.topic, "partition": str(tp.partition)}, lag))
             states: dict[str, int] = {s.value: 0 for s in OrderState}
-            for key in list(tables.open_orders.keys()):
-                order = tables.orders.get(key.decode() if isinstance(key, bytes) else key)
+            for order_id, _ in tables.open_orders.items():
+                order = table_get(tables.orders, order_id)
                 if order is not None:
                     states[order.state.value] += 1
             for state, n in states.items():

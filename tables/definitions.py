@@ -4,8 +4,9 @@ Every table is written by exactly one agent, sequentially, so a read-modify-writ
 interleaves with another:
 
 * ``orders`` (order_id → :class:`Order`) and ``signal_orders`` (signal_id →
-  :class:`SignalSeen`) and ``open_orders`` (order_id → when it was opened) are written by
-  the orders agent.  Their keys are co-partitioned with ``signal_approved`` by
+  :class:`SignalSeen`) are written by the orders agent, which also keeps ``open_orders``,
+  the orders not final yet, in memory (:mod:`tables.open_orders`: derived from ``orders``,
+  no changelog).  Their keys are co-partitioned with ``signal_approved`` by
   construction (:func:`tables.idempotency.order_id_for`), so the broker's fills, keyed by
   order id, join the ``orders`` table on the same worker without a repartition.
 * ``positions`` (``{account}:{symbol}`` → :class:`Position`) is written by the positions
@@ -27,6 +28,7 @@ from pydantic import BaseModel
 
 from app.models import Order, Position, to_json
 from tables.idempotency import SignalSeen
+from tables.open_orders import OpenOrders
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -80,8 +82,8 @@ def stored_as(codec: str) -> type:
 class Tables:
     signal_orders: faust.Table
     orders: faust.Table
-    open_orders: faust.Table
     positions: faust.Table
+    open_orders: OpenOrders
 
 
 def define_tables(app: faust.App) -> Tables:
@@ -91,8 +93,6 @@ def define_tables(app: faust.App) -> Tables:
     return Tables(
         signal_orders=table("signal_orders", SIGNAL_SEEN_CODEC, "signal_id -> order_id and first seen (24 h window)"),
         orders=table("orders", ORDER_CODEC, "order_id -> Order (the order state machine)"),
-        open_orders=app.Table(
-            "open_orders", key_type=bytes, value_type=bytes, help="order_id -> opened at (ISO): orders not final yet"
-        ),
         positions=table("positions", POSITION_CODEC, "{account}:{symbol} -> net Position"),
+        open_orders=OpenOrders(),
     )

@@ -181,19 +181,6 @@ async def test_producer_lanes_keep_partition_order_and_do_not_block_each_other()
         await buf.stop()
 
 
-def test_open_orders_values_say_when_opened_and_when_they_expire():
-    from datetime import datetime, timedelta, timezone
-
-    from agents.orders import _open_value
-
-    now = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
-    later = now + timedelta(hours=1)
-    assert _open_value(now.isoformat().encode()) == (now, None)
-    assert _open_value(f"{now.isoformat()}|{later.isoformat()}".encode()) == (now, later)
-    assert _open_value(b"not a time") == (None, None)  # unreadable: the order is read instead
-    assert _open_value(None) == (None, None)
-
-
 async def test_a_skipped_range_on_an_input_topic_restarts_the_worker_instead_of_being_committed(monkeypatch, caplog):
     """Faust counts offsets the fetch jumped over as processed; on our input topics the worker
     exits (restart code) before anything past them is acknowledged, unless retention deleted

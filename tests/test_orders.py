@@ -259,3 +259,52 @@ async def test_sigusr1_logs_the_consumer_state_of_every_input_partition(pipe: Pi
     assert set(state["queues"]) == {"orders", "positions", "notify"}
     for agent, actors in state["queues"].items():
         assert len(actors) == 1 and all(isinstance(n, int) and n >= 0 for n in actors[0]), (agent, actors)
+
+
+async def signals_committed(pipe: Pipeline, timeout: float = 30) -> None:
+    """Wait until the worker's group has committed every record of ``signals.approved``."""
+    import time
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from app.kafka_io import end_offsets
+    from app.topics import SIGNALS_APPROVED
+
+    c = AIOKafkaConsumer(**pipe.settings.aiokafka_common(), group_id=pipe.settings.app_id, enable_auto_commit=False)
+    await c.start()
+    try:
+        tps = [TopicPartition(SIGNALS_APPROVED, p) for p in range(PARTITIONS)]
+        ends = await end_offsets(c, tps, pipe.settings)
+        deadline = time.monotonic() + timeout
+        while [tp for tp in tps if ((await c.committed(tp)) or 0) < ends[tp]]:
+            assert time.monotonic() < deadline, "the worker did not commit its signals"
+            await asyncio.sleep(0.2)
+    finally:
+        await c.stop()
+
+
+async def test_an_order_left_pending_by_a_killed_worker_is_resumed_after_its_restart(pipe: Pipeline):
+    """``open_orders`` lives in memory: a restarted worker rebuilds it from the ``orders``
+    table, and its timer resumes the PENDING order whose signal is committed (not replayed).
+    Last in the module: it restarts the simulator (the connector away meanwhile)."""
+    rng = random.Random(23)
+    # The submitter asks the absent connector for the stuck-order timeout before it gives the
+    # order up as SUBMITTED with no reply: long enough here for the order to be PENDING when
+    # the worker is killed, whatever the machine's speed.
+    submission = {**TEST_CONFIG["operational"]["submission"], "stuck_order_timeout_seconds": 60}
+    await pipe.set_config({"operational": {**TEST_CONFIG["operational"], "submission": submission}})
+    sim = pipe.services.running["sim"]
+    await asyncio.to_thread(sim.stop)
+    try:
+        await pipe.publish_signals([signal_dict("pending-over-restart", rng, symbol="USDCHF", order_type="market")])
+        pending = oid("pending-over-restart")
+        await pipe.wait_orders([pending], done=lambda o: o.state is OrderState.PENDING, timeout=30)
+        await signals_committed(pipe)
+        await asyncio.to_thread(pipe.services.restart, "worker-1", True)
+    finally:
+        await asyncio.to_thread(pipe.services.restart, "sim")
+        await pipe.set_config(TEST_CONFIG)
+    await pipe.wait_for_simulator()
+    o = (await pipe.wait_orders([pending], timeout=60))[pending]
+    assert o.state is OrderState.FILLED, (o.state, o.reason)
+    assert (await pipe.sim_stats())["executed"][pending] == 1
