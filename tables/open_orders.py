@@ -10,7 +10,7 @@ bytes, and only the open ones decoded.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -62,20 +62,17 @@ class OpenOrders:
     def __contains__(self, order_id: object) -> bool:
         return order_id in self.entries
 
-    async def rebuild(self, assignment: frozenset, stored: AsyncIterator[tuple[Any, bytes]] | Iterable[tuple[Any, bytes]]) -> int:
+    async def rebuild(self, assignment: frozenset, stored: AsyncIterator[tuple[Any, bytes]]) -> int:
         """Rebuild from the stored orders of ``assignment``; returns the number of open orders.
 
-        The agent keeps adding and removing orders while this awaits: an entry it added is
-        kept, and an order it closed is final in the store by the time it is read here (the
-        agent removes an entry only after the batch's table writes), so none comes back."""
+        The agent keeps adding and removing orders while this awaits.  An order it opens
+        meanwhile is kept.  One it closes meanwhile may still be read open (the store's
+        iterator reads a snapshot) and come back: the timer drops it the first time it reads
+        the order final."""
         self.entries.clear()
         self.assignment = None
-        if hasattr(stored, "__aiter__"):
-            async for key, raw in stored:  # type: ignore[union-attr]
-                self._load(key, raw)
-        else:
-            for key, raw in stored:  # type: ignore[union-attr]
-                self._load(key, raw)
+        async for key, raw in stored:
+            self._load(key, raw)
         self.assignment = assignment
         return len(self.entries)
 
