@@ -73,7 +73,7 @@ from tables import order_state
 from tables.commands import decide_cancel, decide_close, decide_expire, decide_modify, is_repeat, remember
 from tables.fills import apply_fill, exit_execution
 from tables.idempotency import SignalSeen, close_order_id, expired_keys, order_id_for
-from tables.order_types import MAGIC, check_enabled, order_expiry, resolve_order_type
+from tables.order_types import MAGIC, check_enabled, order_expiry, resolve_order_type, service_expiry
 from tables.submission import on_broker_status, on_cancel_result, on_modify_result, on_submit_result
 from tables.symbols import UnknownSymbol
 
@@ -597,6 +597,9 @@ class OrdersAgent:
                 self.forget(order_id)  # read open by a rebuild that overlapped its last batch
                 continue
             mono = time.monotonic()
+            if expired and order.symbol in self.rt.symbols:  # the broker expires it: a grace first
+                due = service_expiry(order, self.rt.symbols[order.symbol], timedelta(seconds=sub.broker_expiry_grace_seconds))
+                expired = due is not None and due <= now
             if expired and not order.pending_command and order.state in (OrderState.SUBMITTED, OrderState.PARTIALLY_FILLED):
                 if mono - self.checked.get(order_id, 0.0) >= sub.stuck_check_interval_seconds:
                     self.checked[order_id] = mono

@@ -95,6 +95,9 @@ class Submission(_Section):
     #: and marked FAILED with reason ``timeout`` if the broker does not know it.
     stuck_order_timeout_seconds: float = Field(60, gt=0)
     stuck_check_interval_seconds: float = Field(5, gt=0)
+    #: Where the broker expires a DAY or GTD order itself, the service cancels it only this
+    #: long after its expiry (a backstop): a cancel sent on time races the broker's expiry.
+    broker_expiry_grace_seconds: float = Field(5, ge=0)
 
 
 class Trading(_Section):

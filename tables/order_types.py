@@ -224,6 +224,16 @@ def mt5_time(order: Order, spec: SymbolSpec) -> tuple[int, datetime | None]:
     return ORDER_TIME_SPECIFIED, order.expires_at
 
 
+def service_expiry(order: Order, spec: SymbolSpec, broker_grace: timedelta) -> datetime | None:
+    """When the service cancels ``order`` because its time in force ran out (None: never).
+    Where the broker expires the order itself (see :func:`mt5_time`), only ``broker_grace``
+    later, as a backstop: a cancel sent at the expiry would race the broker's own."""
+    if order.expires_at is None:
+        return None
+    broker_expires = mt5_time(order, spec)[0] != ORDER_TIME_GTC
+    return order.expires_at + broker_grace if broker_expires else order.expires_at
+
+
 def reprice(order: Order, spec: SymbolSpec, max_slippage_pips: float, bid: float, ask: float) -> tuple[float, int] | str:
     """After a requote: the new ``(price, deviation)`` of a market order, or the reason it must
     not be resent.  The broker fills within ``deviation`` points of ``price``; both are chosen

@@ -208,9 +208,15 @@ async def test_day_gtd_expiry_by_the_broker_and_by_the_service(pipe: Pipeline):
     price = round(REFERENCE["EURUSD"][0] + 60 * pip("EURUSD"), 5)
     day.update(entry_price=price, limit_price=price, stop_loss=round(price + 30 * pip("EURUSD"), 5),
                take_profit=round(price - 30 * pip("EURUSD"), 5), time_in_force="DAY")
-    await pipe.publish_signals([*signals, day])
-    gtd = [oid("gtd-EURUSD"), oid("gtd-XAGUSD")]
-    done = await pipe.wait_orders(gtd, timeout=60)
+    # A broker whose clock steps every 1.5 s expires EURUSD up to 1.5 s late: the service
+    # must leave it that grace, not cancel it on time.
+    await pipe.sim(cmd="set_tick_interval", seconds=1.5)
+    try:
+        await pipe.publish_signals([*signals, day])
+        gtd = [oid("gtd-EURUSD"), oid("gtd-XAGUSD")]
+        done = await pipe.wait_orders(gtd, timeout=60)
+    finally:
+        await pipe.sim(cmd="set_tick_interval", seconds=0.05)
     for i in gtd:
         assert (done[i].state, done[i].reason) == (OrderState.CANCELLED, "expired"), done[i]
     broker = {s: (await pipe._request("mt5.orders.status", {"magic": MAGIC, "comment": oid(f"gtd-{s}"), "account": "ex-a"}))["state"]

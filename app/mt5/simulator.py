@@ -1460,6 +1460,12 @@ class BrokerSimulator:
                 raise ValueError("liquidity must be positive")
             self.liquidity_lots = lots
             return {}
+        if name == "set_tick_interval":  # a slower broker: expiries, triggers and SL/TP come later
+            interval = float(cmd["seconds"])
+            if not interval > 0:
+                raise ValueError("set_tick_interval: seconds must be positive")
+            self.tick_interval = interval
+            return {}
         if name == "set_sl_tp":
             self.enable_sl_tp = bool(cmd.get("enabled", True))
             return {}

@@ -30,6 +30,7 @@ from tables.order_types import (
     order_expiry,
     reduce_only_refusal,
     reprice,
+    service_expiry,
     trade_request_fields,
 )
 from tables.submission import on_broker_status, on_cancel_result, on_modify_result, on_submit_result
@@ -171,6 +172,12 @@ def test_time_in_force():
     assert mt5_time(gtd.model_copy(update={"symbol": "XAGUSD"}), DEFAULT_SYMBOLS["XAGUSD"]) == (0, None)
     f = trade_request_fields(gtd, EURUSD, 3, MAGIC)
     assert contract.TradeRequest(**f).type_time is contract.OrderTime.SPECIFIED
+    # The service cancels an expired order at its expiry where the broker does not expire it;
+    # where the broker does, after a grace only (a cancel on time races the broker's expiry).
+    grace = timedelta(seconds=5)
+    assert service_expiry(gtd, EURUSD, grace) == T0 + timedelta(hours=1, seconds=5)
+    assert service_expiry(gtd.model_copy(update={"symbol": "XAGUSD"}), DEFAULT_SYMBOLS["XAGUSD"], grace) == T0 + timedelta(hours=1)
+    assert service_expiry(make(OrderType.LIMIT, limit_price=1.09), EURUSD, grace) is None
 
 
 def test_signal_time_in_force_validation():
