@@ -118,7 +118,9 @@ async def end_to_end(p, n: int, partitions: int) -> tuple[float, float]:
             break
         await asyncio.sleep(0.2)
     elapsed = time.perf_counter() - start
-    p.cpu = cpu_report(cpu_before, {k: cpu_seconds(v) for k, v in procs.items()}, n, elapsed)
+    cpu_after = {k: cpu_seconds(v) for k, v in procs.items()}
+    p.cpu = cpu_report(cpu_before, cpu_after, n, elapsed)
+    p.cpu_seconds = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after}  # by process name
     orders = await p.orders()
     assert sum(1 for i in ids if orders[i].state.value == "FILLED") == n
     return n / elapsed, n / published

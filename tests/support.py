@@ -97,6 +97,24 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     )
 
 
+async def committed_vs_end(settings, group_id: str, topics: list[str]) -> tuple[dict, dict]:
+    """(committed, end) offsets of every partition of ``topics``, for the consumer group."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from app.kafka_io import end_offsets
+
+    c = AIOKafkaConsumer(**settings.aiokafka_common(), group_id=group_id, enable_auto_commit=False)
+    await c.start()
+    try:
+        await c._client.force_metadata_update()
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t) or ())]
+        ends = await end_offsets(c, tps, settings)
+        committed = {tp: (await c.committed(tp)) or 0 for tp in tps}
+        return committed, ends
+    finally:
+        await c.stop()
+
+
 async def wait_until(predicate, timeout: float = 30.0, interval: float = 0.2, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

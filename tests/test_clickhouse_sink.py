@@ -10,14 +10,14 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
-from app.kafka_io import end_offsets
 from app.models import Execution, Order, OrderIntent, OrderState, OrderType, Position, Side, to_json
 from app.settings import Settings
 from app.sinks.clickhouse import TABLES, ClickHouseStore, to_row
 from app.sinks.kafka_clickhouse import ClickHouseSink
 from app.topics import EXECUTIONS, ORDERS_STATUS, POSITIONS, SINK_DLQ, ensure_topics
+import support
 from support import FlakyStore, read_topic, wait_until
 from tables.order_types import MAGIC
 
@@ -87,17 +87,7 @@ def position_records(symbol: str, versions: range) -> list[tuple[str, bytes, byt
 
 
 async def committed_vs_end(settings: Settings, group_id: str) -> tuple[dict, dict]:
-    """(committed, end) offsets of every partition of the source topics, for the group."""
-    c = AIOKafkaConsumer(**settings.aiokafka_common(), group_id=group_id, enable_auto_commit=False)
-    await c.start()
-    try:
-        await c._client.force_metadata_update()
-        tps = [TopicPartition(t, p) for t in SOURCES for p in sorted(c.partitions_for_topic(t) or ())]
-        ends = await end_offsets(c, tps, settings)
-        committed = {tp: (await c.committed(tp)) or 0 for tp in tps}
-        return committed, ends
-    finally:
-        await c.stop()
+    return await support.committed_vs_end(settings, group_id, SOURCES)
 
 
 # --- fixtures ---------------------------------------------------------------------------

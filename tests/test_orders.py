@@ -14,6 +14,7 @@ import pytest
 from app.models import EventType, OrderState
 from app.sample import REFERENCE, signal_dict
 from pipeline import TEST_CONFIG, Pipeline
+from support import committed_vs_end, wait_until
 from tables.idempotency import order_id_for
 from tables.order_state import LIFECYCLE_EVENTS
 
@@ -263,24 +264,13 @@ async def test_sigusr1_logs_the_consumer_state_of_every_input_partition(pipe: Pi
 
 async def signals_committed(pipe: Pipeline, timeout: float = 30) -> None:
     """Wait until the worker's group has committed every record of ``signals.approved``."""
-    import time
-
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from app.kafka_io import end_offsets
     from app.topics import SIGNALS_APPROVED
 
-    c = AIOKafkaConsumer(**pipe.settings.aiokafka_common(), group_id=pipe.settings.app_id, enable_auto_commit=False)
-    await c.start()
-    try:
-        tps = [TopicPartition(SIGNALS_APPROVED, p) for p in range(PARTITIONS)]
-        ends = await end_offsets(c, tps, pipe.settings)
-        deadline = time.monotonic() + timeout
-        while [tp for tp in tps if ((await c.committed(tp)) or 0) < ends[tp]]:
-            assert time.monotonic() < deadline, "the worker did not commit its signals"
-            await asyncio.sleep(0.2)
-    finally:
-        await c.stop()
+    async def done() -> bool:
+        committed, ends = await committed_vs_end(pipe.settings, pipe.settings.app_id, [SIGNALS_APPROVED])
+        return bool(ends) and all(committed[tp] >= end for tp, end in ends.items())
+
+    await wait_until(done, timeout, what="the worker's commit of every signal")
 
 
 async def test_an_order_left_pending_by_a_killed_worker_is_resumed_after_its_restart(pipe: Pipeline):
