@@ -49,6 +49,7 @@ from app.models import (
     Order,
     OrderCommand,
     OrderEvent,
+    OrderIntent,
     OrderState,
     OrderType,
     Position,
@@ -70,7 +71,7 @@ from app.topics import (
     SIGNALS_DLQ,
 )
 from tables import order_state
-from tables.commands import decide_cancel, decide_close, decide_expire, decide_modify, is_repeat, remember
+from tables.commands import closing_lots, decide_cancel, decide_close, decide_expire, decide_modify, is_repeat, remember
 from tables.fills import apply_fill, exit_execution
 from tables.idempotency import SignalSeen, close_order_id, expired_keys, order_id_for
 from tables.order_types import MAGIC, check_enabled, order_expiry, resolve_order_type, service_expiry
@@ -107,6 +108,9 @@ class OrdersAgent:
         #: the answer is durable and the agent will apply it, so a backlog in front of it
         #: is no reason to resume the submission (which would ask the broker again).
         self.answered: dict[str, float] = {}
+        #: position key -> close order id -> {deal ticket: lots} of the close orders made on
+        #: this worker: what a new close of the position must leave to them (closing_lots).
+        self.closing: dict[str, dict[str, dict[int, float]]] = {}
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: faust.EventT, b: Batch) -> None:
@@ -252,7 +256,11 @@ class OrdersAgent:
             return order
         outputs: list[Out] = []
         if r.execution is not None:
-            outputs.append((EXECUTIONS, position_key(order.account, order.symbol), to_json(r.execution), None))
+            key = position_key(order.account, order.symbol)
+            outputs.append((EXECUTIONS, key, to_json(r.execution), None))
+            deals = self.closing.get(key, {}).get(order.order_id) if order.intent is OrderIntent.CLOSE else None
+            if deals is not None:
+                deals[fill.deal] = fill.volume
         if not r.accepted:
             refused = order_state.record(
                 order, EventType.TRANSITION_REFUSED, now, reason=r.reason, detail={"deal": fill.deal, "volume": fill.volume},
@@ -478,7 +486,8 @@ class OrdersAgent:
             return
         volume = cmd.payload.get("volume")
         position: Position | None = b.get(self.t.positions, cmd.key)
-        decision = decide_close(position, float(volume) if volume is not None else None)
+        in_flight = self.lots_being_closed(cmd.key, position, b)
+        decision = decide_close(position, float(volume) if volume is not None else None, in_flight)
         if not decision.accepted or position is None or decision.side is None:
             b.emit(self.command_event(None, cmd, EventType.COMMAND_REFUSED, now, decision.reason))
             return
@@ -489,9 +498,23 @@ class OrdersAgent:
         order = created.order
         b.emit(self.command_event(order, cmd, EventType.COMMAND_ACCEPTED, now, None), *transition_outputs(created))
         b.put(self.t.orders, order_id, order)
+        self.closing.setdefault(cmd.key, {})[order_id] = {}
         self.rt.metrics.inc("commands_accepted", command=cmd.kind.value)
         self.opened(order, now, b)
         b.later(lambda: self.start_submission(order, resume=False))
+
+    def lots_being_closed(self, key: str, position: Position | None, b: Batch) -> float:
+        """Lots of the position that earlier closes made here are taking out and its net
+        volume does not show yet; the settled closes are forgotten."""
+        closes = self.closing.get(key)
+        if not closes or position is None:
+            return 0.0
+        lots, settled = closing_lots(position, {oid: (b.get(self.t.orders, oid), deals) for oid, deals in closes.items()})
+        for oid in settled:
+            del closes[oid]
+        if not closes:
+            del self.closing[key]
+        return lots
 
     def on_expire_signal(self, cmd: OrderCommand, b: Batch, now: datetime) -> None:
         """The dedupe entry is past the window: it goes, and so does its order if final (the

@@ -22,6 +22,7 @@ A command id makes a repeated command act once (:func:`is_repeat`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -144,16 +145,47 @@ def decide_modify(order: Order | None, req: ModifyOrder) -> Decision:
     return ACCEPT
 
 
-def decide_close(position: Position | None, volume: float | None) -> CloseDecision:
-    """Close ``volume`` lots (None: all) of ``position``: the order is on the other side."""
+def decide_close(position: Position | None, volume: float | None, in_flight: float = 0.0) -> CloseDecision:
+    """Close ``volume`` lots (None: all) of ``position``: the order is on the other side.
+    ``in_flight`` lots of it are being closed already (:func:`closing_lots`): never more than
+    the rest is closed, so two closes sent back to back do not close the same lots twice."""
     if position is None:
         return CloseDecision(False, "unknown position", 404)
     net = to_units(position.net_volume)
     if net == 0:
         return CloseDecision(False, f"position {position.key} is flat", 409)
-    want = abs(net) if volume is None else to_units(volume)
+    available = abs(net) - to_units(in_flight)
+    if available <= 0:
+        return CloseDecision(False, f"position {position.key}: all of its {to_lots(abs(net))} lots are being closed already", 409)
+    want = available if volume is None else to_units(volume)
     if want <= 0:
         return CloseDecision(False, f"volume {volume} is not a positive number of lots", 409)
-    if want > abs(net):
-        return CloseDecision(False, f"volume {volume} is above the position's {to_lots(abs(net))} lots", 409)
+    if want > available:
+        held = f"the position's {to_lots(abs(net))} lots"
+        if in_flight:
+            held += f", {to_lots(available)} of them not being closed already"
+        return CloseDecision(False, f"volume {volume} is above {held}", 409)
     return CloseDecision(True, side=Side.SELL if net > 0 else Side.BUY, volume=to_lots(want))
+
+
+def closing_lots(
+    position: Position, closes: Mapping[str, tuple[Order | None, Mapping[int, float]]],
+) -> tuple[float, list[str]]:
+    """The lots of ``position`` that close orders are taking out but its net volume does not
+    show yet, and the ids of the closes that are settled (final, every deal applied).
+
+    ``closes`` maps a close order's id to the order (None if it was never written) and the
+    volume of each of its deals applied to the order.  An open close takes its unfilled rest;
+    a deal counts until its ticket is among the position's applied deals (the positions
+    agent applies deals from another topic, so an order can be FILLED before its position
+    shows the deal)."""
+    applied = set(position.deals) | set(position.corrected_deals)
+    units = 0
+    settled = []
+    for order_id, (order, deals) in closes.items():
+        unapplied = sum(to_units(v) for d, v in deals.items() if d not in applied)
+        rest = 0 if order is None or order.state.is_final else max(0, to_units(order.volume) - to_units(order.filled_volume))
+        units += unapplied + rest
+        if unapplied == 0 and rest == 0:
+            settled.append(order_id)
+    return to_lots(units), settled

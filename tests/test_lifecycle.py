@@ -73,15 +73,18 @@ async def test_every_position_closed_by_sl_tp_a_close_or_a_stop_out(pipe: Pipeli
     mid = REFERENCE["GBPUSD"][0]
     await pipe.sim(cmd="set_price", symbol="GBPUSD", mid=round(mid + 50 * pip("GBPUSD"), 5), hold=True)
     # Close commands: half, then the rest (USDJPY of both accounts, and AUDUSD of lc-a, whose
-    # manual EURUSD trade a stop-out would close too).
+    # manual EURUSD trade a stop-out would close too).  The rest is asked for as soon as the
+    # half is FILLED (its deal may not be in the position yet), or with the half still in
+    # flight: either way it closes only what the half leaves.
     closes = []
-    for account, symbol in (("lc-a", "USDJPY"), ("lc-b", "USDJPY"), ("lc-a", "AUDUSD")):
+    for account, symbol, wait in (("lc-a", "USDJPY", True), ("lc-b", "USDJPY", False), ("lc-a", "AUDUSD", False)):
         key = f"{account}:{symbol}"
         await wait_until(lambda k=key: _net(pipe, k, 0.2), timeout=60, what=f"position {key}")
         for volume in (0.1, None):
             cid = await pipe.send_command("close_position", key, {"account": account, "symbol": symbol, "volume": volume})
             closes.append(close_order_id(cid, key, PARTITIONS))
-            await pipe.wait_orders([closes[-1]])
+            if wait:
+                await pipe.wait_orders([closes[-1]])
     # A stop-out: lc-b's balance is gone; the broker closes what is left (its AUDUSD).
     await pipe.sim(cmd="set_balance", account="lc-b", balance=-1_000_000)
 
@@ -90,7 +93,9 @@ async def test_every_position_closed_by_sl_tp_a_close_or_a_stop_out(pipe: Pipeli
     positions = await wait_until(lambda: _positions_flat(pipe, accounts), timeout=60, what="our positions flat")
 
     closed = await pipe.wait_orders(closes)
-    assert all(closed[c].state is OrderState.FILLED and closed[c].intent is OrderIntent.CLOSE for c in closes)
+    assert all(closed[c].state is OrderState.FILLED and closed[c].intent is OrderIntent.CLOSE for c in closes), \
+        {c: (closed[c].state, closed[c].intent, closed[c].reason) for c in closes}
+    assert [closed[c].filled_volume for c in closes] == [0.1] * len(closes)
     assert {d.reason for d in deals} == {"expert", "sl", "tp", "stop_out"}
 
     # Executions (the orders' fills and the exits) sum to the position, deal by deal.

@@ -21,7 +21,7 @@ from app.models import (
 )
 from app.mt5 import contract
 from tables import order_state
-from tables.commands import decide_cancel, decide_close, decide_expire, decide_modify, is_repeat, remember
+from tables.commands import closing_lots, decide_cancel, decide_close, decide_expire, decide_modify, is_repeat, remember
 from tables.fills import apply_fill, exit_execution
 from tables.order_types import (
     MAGIC,
@@ -92,6 +92,33 @@ def test_close_decisions():
     flat = decide_close(pos.model_copy(update={"net_volume": 0.0}), None)
     assert flat.status == 409 and "flat" in flat.reason
     assert "above" in decide_close(pos, 0.6).reason
+
+
+def test_a_close_leaves_the_lots_earlier_closes_are_taking():
+    """Closes of one position sent back to back, or one sent as soon as the last is FILLED
+    (its deal not yet in the position): each closes only what the others leave."""
+    pos = Position(account="acc", symbol="EURUSD", net_volume=0.2, avg_open_price=1.1, deals=(1, 2), updated_at=T0)
+    half = make(side="sell", position_size=0.1).model_copy(update={"state": OrderState.PENDING})
+    # In flight, nothing filled: its 0.1 is taken; the rest is 0.1.
+    lots, settled = closing_lots(pos, {"c1": (half, {})})
+    assert lots == 0.1 and settled == []
+    rest = decide_close(pos, None, lots)
+    assert rest.accepted and rest.volume == 0.1
+    assert "not being closed already" in decide_close(pos, 0.2, lots).reason
+    # FILLED, its deal 3 not applied to the position yet: still taken.
+    filled = half.model_copy(update={"state": OrderState.FILLED, "filled_volume": 0.1, "deals": (3,)})
+    assert closing_lots(pos, {"c1": (filled, {3: 0.1})}) == (0.1, [])
+    # Deal applied (the net shows it): settled, nothing taken.
+    applied = pos.model_copy(update={"net_volume": 0.1, "deals": (1, 2, 3)})
+    assert closing_lots(applied, {"c1": (filled, {3: 0.1})}) == (0.0, ["c1"])
+    # Partly filled and partly applied: the unfilled rest and the unapplied deal.
+    part = half.model_copy(update={"state": OrderState.PARTIALLY_FILLED, "volume": 0.3, "filled_volume": 0.2})
+    assert closing_lots(pos, {"c1": (part, {3: 0.1, 4: 0.1}), "gone": (None, {})}) == (0.3, ["gone"])
+    pos_deal_3 = pos.model_copy(update={"deals": (1, 2, 3)})
+    assert closing_lots(pos_deal_3, {"c1": (part, {3: 0.1, 4: 0.1})}) == (0.2, [])
+    # Everything being closed: a close-all is refused, with the reason.
+    taken = decide_close(pos, None, 0.2)
+    assert taken.status == 409 and "being closed already" in taken.reason
 
 
 def test_expire_decision():
