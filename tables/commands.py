@@ -184,7 +184,7 @@ def closing_lots(
     settled = []
     for order_id, (order, deals) in closes.items():
         unapplied = sum(to_units(v) for d, v in deals.items() if d not in applied)
-        rest = 0 if order is None or order.state.is_final else max(0, to_units(order.volume) - to_units(order.filled_volume))
+        rest = 0 if order is None or order.state.is_final else to_units(order.remaining_volume)
         units += unapplied + rest
         if unapplied == 0 and rest == 0:
             settled.append(order_id)
