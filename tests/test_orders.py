@@ -295,6 +295,9 @@ async def test_an_order_left_pending_by_a_killed_worker_is_resumed_after_its_res
         await asyncio.to_thread(pipe.services.restart, "sim")
         await pipe.set_config(TEST_CONFIG)
     await pipe.wait_for_simulator()
+    # The restarted simulator's walk starts afresh; this test is about the resumption, not the
+    # slippage cap (a drift past it over the restart is a correct REJECTED).
+    await pipe.hold_reference_prices()
     o = (await pipe.wait_orders([pending], timeout=60))[pending]
     assert o.state is OrderState.FILLED, (o.state, o.reason)
     assert (await pipe.sim_stats())["executed"][pending] == 1
