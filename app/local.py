@@ -821,10 +821,11 @@ class Services:
             svc.wait_for_log(WORKER_READY, timeout=90)
         return svc
 
-    def restart(self, name: str, kill: bool = False, wait: bool = True) -> Service:
+    def restart(self, name: str, kill: bool = False, wait: bool = True, **env: str) -> Service:
+        """Stop (or kill) service ``name`` and start it again with its environment, updated by ``env``."""
         old = self.running[name]
         old.kill() if kill else old.stop()
-        new = Service(old.name, old.argv, old.env, old.log_path)
+        new = Service(old.name, old.argv, {**old.env, **env}, old.log_path)
         size = len(new.log_text())
         new.start()
         self.running[name] = new

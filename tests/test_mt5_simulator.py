@@ -575,6 +575,17 @@ def test_sl_tp_and_stop_out_are_on_by_default():
         "enable_sl_tp": False, "balance": 500.0}
 
 
+def test_hold_prices_starts_every_market_held_at_its_start_price():
+    from app.mt5.simulator import _env_options
+
+    assert _env_options({"EXECUTION_SIM_HOLD_PRICES": "1"}) == {"hold_prices": True}
+    assert not any(m.held for m in BrokerSimulator().markets.values())
+    sim = BrokerSimulator(hold_prices=True, prices={"EURUSD": 1.2345})
+    assert all(m.held for m in sim.markets.values())
+    eurusd = sim.markets["EURUSD"]
+    assert (eurusd.bid, eurusd.ask) == (1.23445, 1.23455)
+
+
 async def test_stop_loss_closes_the_position_routed_to_the_opening_order(env):
     await hold(env, 1.08000)
     r = await env.client.submit(order("sl-1", "sltp", volume=0.5, sl=1.07900, tp=1.08300))

@@ -292,12 +292,12 @@ async def test_an_order_left_pending_by_a_killed_worker_is_resumed_after_its_res
         await signals_committed(pipe)
         await asyncio.to_thread(pipe.services.restart, "worker-1", True)
     finally:
-        await asyncio.to_thread(pipe.services.restart, "sim")
+        # Its markets start held at the reference prices: a fresh walk could drift past the
+        # slippage cap before the worker resumes the order (a correct REJECTED); this test is
+        # about the resumption.
+        await asyncio.to_thread(pipe.services.restart, "sim", EXECUTION_SIM_HOLD_PRICES="1")
         await pipe.set_config(TEST_CONFIG)
     await pipe.wait_for_simulator()
-    # The restarted simulator's walk starts afresh; this test is about the resumption, not the
-    # slippage cap (a drift past it over the restart is a correct REJECTED).
-    await pipe.hold_reference_prices()
     o = (await pipe.wait_orders([pending], timeout=60))[pending]
     assert o.state is OrderState.FILLED, (o.state, o.reason)
     assert (await pipe.sim_stats())["executed"][pending] == 1

@@ -19,7 +19,7 @@ from typing import Literal
 import nats.errors
 from pydantic import Field
 
-from app.models import DealEntry, DecodeError, Fill, Model, from_json, to_json, utcnow
+from app.models import DecodeError, Fill, Model, from_json, to_json, utcnow
 
 # --------------------------------------------------------------------------------------
 # Subjects

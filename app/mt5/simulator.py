@@ -304,6 +304,7 @@ class BrokerSimulator:
         leverage: float = 100.0,
         stop_out_level: float = 50.0,
         enable_stop_out: bool = True,
+        hold_prices: bool = False,
         ticket_base: int | None = None,
         connect_options: Mapping[str, Any] | None = None,
         drain_timeout: float = 10.0,
@@ -333,6 +334,7 @@ class BrokerSimulator:
         self.leverage = float(leverage)
         self.stop_out_level = float(stop_out_level)
         self.enable_stop_out = bool(enable_stop_out)
+        self.hold_prices = bool(hold_prices)  # every market starts held at its start price
         self.clock: Callable[[], datetime] = utcnow
         self.connect_options = dict(connect_options or {})
         self.drain_timeout = drain_timeout
@@ -364,7 +366,8 @@ class BrokerSimulator:
                 start = REFERENCE[name][0] if name in REFERENCE else EXTRA_REFERENCE.get(name, 1.0)
             metal = name[:3] in ("XAU", "XAG", "XPT", "XPD")
             spread = max(1, round((self.metal_spread_pips if metal else self.spread_pips) * spec.points_per_pip))
-            m = Market(spec, start, start, spread, random.Random(f"{self.seed}:price:{name}"))
+            m = Market(spec, start, start, spread, random.Random(f"{self.seed}:price:{name}"),
+                       held=self.hold_prices)
             m.quote()
             self.markets[name] = m
         self.slip_rng = random.Random(f"{self.seed}:slippage")
@@ -1510,7 +1513,7 @@ def _env_options(environ: Mapping[str, str]) -> dict[str, Any]:
         raw = environ.get(f"EXECUTION_SIM_{name.upper()}")
         if raw:
             out[name] = kind(raw)
-    for name in ("enable_sl_tp", "enable_stop_out"):  # both on unless set to something else than 1/true/yes/on
+    for name in ("enable_sl_tp", "enable_stop_out", "hold_prices"):  # a flag is on if set to 1/true/yes/on
         raw = environ.get(f"EXECUTION_SIM_{name.upper()}")
         if raw:
             out[name] = raw.strip().lower() in ("1", "true", "yes", "on")
