@@ -1,20 +1,25 @@
-"""Retrying with exponential backoff, one way for the whole service (tenacity).
+"""Retrying with exponential backoff, one schedule for the whole service.
 
 :func:`until_done` awaits a step until it succeeds: for effects that must not be dropped while
 a broker (Kafka, NATS, ClickHouse) is away, so the step must be safe to repeat.  Each failure
 is logged once with the wait before the next try; ``stop`` (checked after each failure) gives
 up and raises the last error, e.g. when the process is stopping.  Cancellation is never
-retried.  (The ClickHouse sink's flush keeps its own doubling delay: while it waits it keeps
-polling the paused consumer to stay in its group, so it is a loop, not a retried call.)
+retried.  It is a plain loop: it wraps every Kafka send of the worker, where tenacity's
+per-call machinery cost more than the send's own bookkeeping.  :func:`backoff` is the same
+schedule for tenacity's retry loops (status polling in ``app.execution_client``).  (The
+ClickHouse sink's flush keeps its own doubling delay: while it waits it keeps polling the
+paused consumer to stay in its group, so it is a loop, not a retried call.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_exponential
+from tenacity import wait_exponential
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -25,13 +30,10 @@ def backoff(initial: float, maximum: float) -> wait_exponential:
     return wait_exponential(multiplier=initial, min=initial, max=maximum)
 
 
-def _log_failure(what: str, logger: logging.Logger, level: int) -> Callable[[RetryCallState], None]:
-    def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
-        logger.log(level, "%s (attempt %d: %s: %s); again in %.1fs",
-                   what, state.attempt_number, type(exc).__name__, exc, wait)
-    return before_sleep
+def delay(attempt: int, initial: float, maximum: float) -> float:
+    """The wait after failed attempt ``attempt`` (1-based): ``initial`` doubling, at most
+    ``maximum`` (what :func:`backoff` gives tenacity)."""
+    return min(maximum, initial * 2.0 ** min(attempt - 1, 64))  # the exponent bounded: no overflow in a long outage
 
 
 async def until_done(
@@ -41,22 +43,18 @@ async def until_done(
 ) -> T:
     """``await step()`` until it returns.  ``on_failure(exc)`` runs after each failure (a clean
     up, or telling an upstream the work is still in progress); ``stop()`` True gives up."""
-
-    async def after_failure(state: RetryCallState) -> None:
-        _log_failure(what, logger, level)(state)
-        if on_failure is not None and state.outcome is not None:
-            result = on_failure(state.outcome.exception())
-            if isinstance(result, Awaitable):
-                await result
-
-    retrying = AsyncRetrying(
-        wait=backoff(initial, maximum),
-        retry=retry_if_exception_type(Exception),
-        stop=(lambda _state: stop()) if stop is not None else stop_never,
-        before_sleep=after_failure,
-        reraise=True,
-    )
-    async for attempt in retrying:
-        with attempt:
-            result = await step()
-    return result
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await step()
+        except Exception as exc:  # CancelledError is a BaseException: never retried
+            if stop is not None and stop():
+                raise
+            wait = delay(attempt, initial, maximum)
+            logger.log(level, "%s (attempt %d: %s: %s); again in %.1fs", what, attempt, type(exc).__name__, exc, wait)
+            if on_failure is not None:
+                result = on_failure(exc)
+                if inspect.isawaitable(result):
+                    await result
+        await asyncio.sleep(wait)

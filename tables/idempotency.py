@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
-from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.partitioner import DefaultPartitioner
 from pydantic import field_validator
 
 from app.models import Model, from_json, to_json
@@ -44,11 +45,39 @@ def _key_bytes(key: str | bytes) -> bytes:
     return key if isinstance(key, bytes) else key.encode("utf-8")
 
 
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (``org.apache.kafka.common.utils.Utils.murmur2``), the value of
+    ``aiokafka.partitioner.murmur2``: the same arithmetic on whole little-endian words at a
+    time, several times faster than aiokafka's byte-by-byte loop (it runs for each candidate
+    order id of each new signal)."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    body = length & ~3
+    for k in struct.unpack_from(f"<{length >> 2}I", data):
+        k = (k * _M) & _MASK
+        k = ((k ^ (k >> 24)) * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    extra = length & 3
+    if extra:
+        if extra == 3:
+            h ^= data[body + 2] << 16
+        if extra >= 2:
+            h ^= data[body + 1] << 8
+        h = ((h ^ data[body]) * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    return h ^ (h >> 15)
+
+
 @lru_cache(maxsize=131_072)
 def key_hash(key: bytes) -> int:
     """Kafka's default partitioner hash of a key, ``murmur2(key) & 0x7fffffff``, remembered:
-    aiokafka's murmur2 is pure Python, and an order id is hashed for every record keyed by it
-    (status, archive, commands, three changelogs)."""
+    an order id is hashed for every record keyed by it (status, archive, commands, three
+    changelogs)."""
     return murmur2(key) & 0x7FFFFFFF
 
 

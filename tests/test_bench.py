@@ -100,6 +100,16 @@ def test_latency_percentiles_and_trend():
 # --------------------------------------------------------------------------------------
 
 
+async def test_hot_path_script_measures_each_step_beside_its_baseline():
+    hot = load("hot_path")
+    figures = await hot.measure(50)
+    assert set(figures) == {"bare await", "until_done", "tenacity loop", "murmur2", "aiokafka murmur2", "order_id_for"}
+    assert all(math.isfinite(v) and v > 0 for v in figures.values())
+    lines = hot.report(figures)
+    assert [ln.split()[0] for ln in lines] == ["until_done(step)", "until_done(step)", "murmur2", "order_id_for,"]
+    assert all("ratio" in ln for ln in lines[:3])
+
+
 @pytest.mark.slow
 async def test_latency_script_every_signal_reaches_the_broker(capsys):
     runs = await load("latency").main(["--rates", "50", "--signals", "25", "--timeout", "60", "--broker", "kafka"])

@@ -199,3 +199,18 @@ def test_the_producers_partitioner_is_kafkas_default(keys, n):
     for key in keys + keys:  # the second time from the remembered hash
         assert ours(key, partitions, partitions) == kafka(key, partitions, partitions)
     assert ours(None, partitions, partitions) in partitions
+
+
+def test_murmur2_is_kafkas_on_every_length_and_tail():
+    from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+
+    from tables.idempotency import murmur2
+
+    # Kafka's own vectors (UtilsTest.testMurmur2, as unsigned 32-bit).
+    assert murmur2(b"21") == -973932308 % 2**32
+    assert murmur2(b"foobar") == -790332482 % 2**32
+    rng = random.Random(5)
+    for length in range(0, 80):
+        for _ in range(20):
+            data = rng.randbytes(length)
+            assert murmur2(data) == aiokafka_murmur2(data), data

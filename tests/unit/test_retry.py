@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from app.retry import until_done
+from app.retry import backoff, delay, until_done
 
 
 async def test_retries_until_the_step_succeeds_logging_each_failure(caplog):
@@ -47,3 +47,29 @@ async def test_cancellation_is_never_retried():
     with pytest.raises(asyncio.CancelledError):
         await until_done("x", step, initial=0.001)
     assert attempts == [1]
+
+
+def test_the_delay_doubles_from_initial_to_maximum_as_tenacity_backoff_does():
+    from tenacity import RetryCallState
+
+    assert [delay(n, 0.2, 5.0) for n in range(1, 8)] == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    wait = backoff(0.2, 5.0)
+    for n in (1, 2, 3, 5, 6, 40, 2000):
+        state = RetryCallState(None, None, (), {})
+        state.attempt_number = n
+        assert delay(n, 0.2, 5.0) == pytest.approx(wait(state))
+    assert delay(10**6, 0.2, 5.0) == 5.0  # hours of outage: no overflow
+
+
+async def test_each_failure_logs_the_wait_of_the_schedule(caplog):
+    calls = []
+
+    async def step() -> None:
+        calls.append(1)
+        if len(calls) < 4:
+            raise OSError("away")
+
+    with caplog.at_level(logging.WARNING, logger="app.retry"):
+        await until_done("nats away", step, initial=0.001, maximum=0.002)
+    assert [r.args[1] for r in caplog.records] == [1, 2, 3]
+    assert [r.args[-1] for r in caplog.records] == [0.001, 0.002, 0.002]
