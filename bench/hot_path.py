@@ -12,18 +12,24 @@ its baseline and the ratio:
   ``until_done`` was written before);
 * ``tables.idempotency.murmur2`` (Kafka's key hash: each candidate order id of each new
   signal, each new key the producers partition) against ``aiokafka.partitioner.murmur2``;
-* ``tables.idempotency.order_id_for`` of a new signal id (its cache bypassed) at 8 partitions.
+* ``tables.idempotency.order_id_for`` of a new signal id (its cache bypassed) at 8 partitions;
+* a record's hand-over to the conductor: Faust's ``wait_first(delivery, suspend_flow.wait())``
+  (four tasks and an ``asyncio.wait``) against a plain ``await`` of the delivery.  A plain
+  await, where the delivery cannot wait, made the worker slower end to end (bench/README.md,
+  "Per-call costs"): the figure is kept as the measure of that experiment.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+from mode import Service
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never
 
 from app.retry import backoff, until_done
@@ -90,6 +96,9 @@ async def measure(calls: int) -> dict[str, float]:
         uncached(f"signal-{next(ids)}", 8)
 
     out["order_id_for"] = best_us(lambda: per_call_sync(max(1, calls // 10), new_order_id))
+    consumer, suspend_flow = Service(), asyncio.Event()
+    out["wait_first"] = await best_us_async(
+        lambda: per_call(max(1, calls // 10), lambda: consumer.wait_first(step(), suspend_flow.wait())))
     return out
 
 
@@ -99,6 +108,7 @@ def report(f: dict[str, float]) -> list[str]:
         line("until_done(step)", f["until_done"], "tenacity AsyncRetrying loop", f["tenacity loop"]),
         line("murmur2 (order id, 31 bytes)", f["murmur2"], "aiokafka.partitioner.murmur2", f["aiokafka murmur2"]),
         f"  {'order_id_for, a new signal, 8 partitions':<44} {f['order_id_for']:8.2f} us/call",
+        line("record delivery: await delivery", f["bare await"], "wait_first(delivery, suspend wait)", f["wait_first"]),
     ]
 
 

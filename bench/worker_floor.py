@@ -69,7 +69,7 @@ from app.topics import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
 from bench.common import add_broker_arg, broker_line, run_main  # noqa: E402
-from bench.throughput import cpu_seconds, end_to_end, wait_settled  # noqa: E402
+from bench.throughput import BACKLOG_CONFIG, cpu_seconds, end_to_end, wait_settled  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -248,7 +248,7 @@ async def main(argv: list[str] | None = None) -> dict:
     add_broker_arg(ap)
     args = ap.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-worker-floor-"))
-    p = Pipeline(workdir, partitions=args.partitions, config={}, broker=args.broker)
+    p = Pipeline(workdir, partitions=args.partitions, config=BACKLOG_CONFIG, broker=args.broker)
     await p.start(workers=1)
     try:
         await wait_settled(p)

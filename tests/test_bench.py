@@ -103,11 +103,12 @@ def test_latency_percentiles_and_trend():
 async def test_hot_path_script_measures_each_step_beside_its_baseline():
     hot = load("hot_path")
     figures = await hot.measure(50)
-    assert set(figures) == {"bare await", "until_done", "tenacity loop", "murmur2", "aiokafka murmur2", "order_id_for"}
+    assert set(figures) == {"bare await", "until_done", "tenacity loop", "murmur2", "aiokafka murmur2", "order_id_for",
+                            "wait_first"}
     assert all(math.isfinite(v) and v > 0 for v in figures.values())
     lines = hot.report(figures)
-    assert [ln.split()[0] for ln in lines] == ["until_done(step)", "until_done(step)", "murmur2", "order_id_for,"]
-    assert all("ratio" in ln for ln in lines[:3])
+    assert [ln.split()[0] for ln in lines] == ["until_done(step)", "until_done(step)", "murmur2", "order_id_for,", "record"]
+    assert all("ratio" in ln for ln in lines[:3] + lines[4:])
 
 
 @pytest.mark.slow
