@@ -4,8 +4,9 @@
 a broker (Kafka, NATS, ClickHouse) is away, so the step must be safe to repeat.  Each failure
 is logged once with the wait before the next try; ``stop`` (checked after each failure) gives
 up and raises the last error, e.g. when the process is stopping.  Cancellation is never
-retried.  It is a plain loop: it wraps every Kafka send of the worker, where tenacity's
-per-call machinery cost more than the send's own bookkeeping.  :func:`backoff` is the same
+retried.  It is a plain loop: it wraps every acknowledged send of the worker (Kafka, and
+JetStream for notifications), where tenacity's per-call machinery cost more than the send's
+own bookkeeping.  :func:`backoff` is the same
 schedule for tenacity's retry loops (status polling in ``app.execution_client``).  (The
 ClickHouse sink's flush keeps its own doubling delay: while it waits it keeps polling the
 paused consumer to stay in its group, so it is a loop, not a retried call.)
@@ -32,8 +33,9 @@ def backoff(initial: float, maximum: float) -> wait_exponential:
 
 def delay(attempt: int, initial: float, maximum: float) -> float:
     """The wait after failed attempt ``attempt`` (1-based): ``initial`` doubling, at most
-    ``maximum`` (what :func:`backoff` gives tenacity)."""
-    return min(maximum, initial * 2.0 ** min(attempt - 1, 64))  # the exponent bounded: no overflow in a long outage
+    ``maximum`` and never below ``initial`` (what :func:`backoff` gives tenacity)."""
+    # 2.0 ** 1023 is the largest power a float holds: a long outage overflows to inf, not an error.
+    return max(initial, min(maximum, initial * 2.0 ** min(attempt - 1, 1023)))
 
 
 async def until_done(

@@ -6,8 +6,8 @@ No stack: these are the small steps every signal goes through, timed in a loop
 (``time.perf_counter``, best of three rounds), each printed in microseconds per call beside
 its baseline and the ratio:
 
-* ``app.retry.until_done`` (every acknowledged Kafka send of the worker: each batch's
-  outputs, each submission's answer, each batch of notifications) against a bare
+* ``app.retry.until_done`` (every acknowledged send of the worker: each batch's outputs and
+  each submission's answer to Kafka, each batch of notifications to JetStream) against a bare
   ``await step()``, and against the same step in a tenacity ``AsyncRetrying`` loop (how
   ``until_done`` was written before);
 * ``tables.idempotency.murmur2`` (Kafka's key hash: each candidate order id of each new
@@ -34,6 +34,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_never
 
 from app.retry import backoff, until_done
 from tables import idempotency
+from tables.idempotency import ORDER_ID_LENGTH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
 from bench.common import run_main  # noqa: E402
@@ -106,7 +107,7 @@ def report(f: dict[str, float]) -> list[str]:
     return [
         line("until_done(step)", f["until_done"], "bare await step()", f["bare await"]),
         line("until_done(step)", f["until_done"], "tenacity AsyncRetrying loop", f["tenacity loop"]),
-        line("murmur2 (order id, 31 bytes)", f["murmur2"], "aiokafka.partitioner.murmur2", f["aiokafka murmur2"]),
+        line(f"murmur2 (an order id, {ORDER_ID_LENGTH} bytes)", f["murmur2"], "aiokafka.partitioner.murmur2", f["aiokafka murmur2"]),
         f"  {'order_id_for, a new signal, 8 partitions':<44} {f['order_id_for']:8.2f} us/call",
         line("record delivery: await delivery", f["bare await"], "wait_first(delivery, suspend wait)", f["wait_first"]),
     ]

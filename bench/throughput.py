@@ -105,7 +105,7 @@ def cpu_report(before: dict[str, float], after: dict[str, float], n: int, wall: 
 #: the default ``max_signal_age_seconds`` when the service is slower than the publisher, and
 #: would end REJECTED as stale (the rule working, not what is measured here).
 BACKLOG_CONFIG = {"operational": {"order_defaults": {"max_signal_age_seconds": 3600}}}
-#: Seconds without a new execution before a run is given up as stalled.
+#: Seconds without a new execution or order status before a run is given up as stalled.
 STALL_SECONDS = 60.0
 
 
@@ -126,12 +126,13 @@ async def end_to_end(p, n: int, partitions: int) -> tuple[float, float]:
         counts = await topic_counts(p.settings, [EXECUTIONS, ORDERS_STATUS])
         if counts[EXECUTIONS] >= n:
             break
-        if counts[EXECUTIONS] > seen:
-            seen, progress = counts[EXECUTIONS], time.monotonic()
+        if counts[EXECUTIONS] + counts[ORDERS_STATUS] > seen:  # fills, or at least orders moving
+            seen, progress = counts[EXECUTIONS] + counts[ORDERS_STATUS], time.monotonic()
         elif time.monotonic() - progress > STALL_SECONDS:
             orders = await p.orders()
             states = Counter(orders[i].state.value if i in orders else "missing" for i in ids)
-            raise RuntimeError(f"no new execution for {STALL_SECONDS:.0f} s: {seen} of {n}; orders by state {dict(states)}"
+            raise RuntimeError(f"nothing new for {STALL_SECONDS:.0f} s: {counts[EXECUTIONS]} of {n} executions; "
+                               f"orders by state {dict(states)}"
                                f" (logs in {p.workdir})")
         await asyncio.sleep(0.2)
     elapsed = time.perf_counter() - start

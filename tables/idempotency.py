@@ -51,9 +51,9 @@ _MASK = 0xFFFFFFFF
 
 def murmur2(data: bytes) -> int:
     """Kafka's murmur2 (``org.apache.kafka.common.utils.Utils.murmur2``), the value of
-    ``aiokafka.partitioner.murmur2``: the same arithmetic on whole little-endian words at a
-    time, several times faster than aiokafka's byte-by-byte loop (it runs for each candidate
-    order id of each new signal)."""
+    ``aiokafka.partitioner.murmur2``: the same arithmetic on whole little-endian words, where
+    aiokafka assembles each word byte by byte (it runs for each candidate order id of each new
+    signal)."""
     length = len(data)
     h = 0x9747B28C ^ length
     body = length & ~3

@@ -33,8 +33,29 @@ async def test_stop_gives_up_with_the_last_error():
         attempts.append(1)
         raise TimeoutError(f"no answer {len(attempts)}")
 
+    cleaned = []
     with pytest.raises(TimeoutError, match="no answer 3"):
-        await until_done("x", step, initial=0.001, maximum=0.001, stop=lambda: len(attempts) >= 3)
+        await until_done("x", step, initial=0.001, maximum=0.001, stop=lambda: len(attempts) >= 3,
+                         on_failure=cleaned.append)
+    assert len(attempts) == 3
+    assert [str(e) for e in cleaned] == ["no answer 1", "no answer 2"], "the last failure is raised, not cleaned up"
+
+
+async def test_an_awaitable_on_failure_is_awaited_before_the_next_try():
+    order = []
+
+    async def step() -> str:
+        order.append("step")
+        if len(order) < 2:
+            raise ConnectionError("down")
+        return "ok"
+
+    async def on_failure(exc: BaseException) -> None:
+        await asyncio.sleep(0)
+        order.append("cleaned")
+
+    assert await until_done("x", step, initial=0.001, on_failure=on_failure) == "ok"
+    assert order == ["step", "cleaned", "step"]
 
 
 async def test_cancellation_is_never_retried():
@@ -59,6 +80,11 @@ def test_the_delay_doubles_from_initial_to_maximum_as_tenacity_backoff_does():
         state.attempt_number = n
         assert delay(n, 0.2, 5.0) == pytest.approx(wait(state))
     assert delay(10**6, 0.2, 5.0) == 5.0  # hours of outage: no overflow
+    for initial, maximum in ((1e-25, 5.0), (1.0, 0.5), (2.0, 1e308)):  # as tenacity: never below initial, reaches maximum
+        wait = backoff(initial, maximum)
+        state = RetryCallState(None, None, (), {})
+        state.attempt_number = 2000
+        assert delay(2000, initial, maximum) == pytest.approx(wait(state)), (initial, maximum)
 
 
 async def test_each_failure_logs_the_wait_of_the_schedule(caplog):
