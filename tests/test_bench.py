@@ -111,6 +111,60 @@ async def test_hot_path_script_measures_each_step_beside_its_baseline():
     assert all("ratio" in ln for ln in lines[:3] + lines[4:])
 
 
+THROUGHPUT_OUTPUT = """\
+broker: Apache Kafka 4.3.2 (production profile); producer_max_batch_size=16384
+raw aiokafka consume->produce pass-through:      12889 msg/s
+end to end NATS -> FILLED order + position:         177 signals/s (publisher alone: 1975/s)
+ratio end-to-end / pass-through: 0.01
+CPU per signal during the end-to-end run (33.9 s wall, 1.54 of 2 cores busy):
+  worker-1                        3.79 ms/signal  (0.67 cores)
+  kafka                           2.58 ms/signal  (0.46 cores)
+  all                             8.68 ms/signal -> at most 230 signals/s on 2 cores with every core busy
+machine: 2 CPUs; load average (1 min) 0.7 at the start, 2.8 at the end (other processes share this machine)
+"""
+
+
+def test_ab_reads_the_figures_and_compares_the_medians():
+    ab = load("ab")
+    assert ab.parse(THROUGHPUT_OUTPUT) == {"signals/s": 177.0, "worker ms/signal": 3.79, "stack ms/signal": 8.68,
+                                           "load at start": 0.7}
+    a, b = ab.Side("A", ab.ROOT), ab.Side("B", ab.ROOT)
+    a.runs = [{"signals/s": 100.0, "worker ms/signal": 4.0}, {"signals/s": 120.0, "worker ms/signal": 5.0},
+              {"signals/s": 300.0, "worker ms/signal": 3.0}]
+    b.runs = [{"signals/s": 150.0, "worker ms/signal": 2.0}]
+    lines = ab.summary(a, b)
+    assert lines[1].split() == ["signals/s", "120.00", "150.00", "1.25"]
+    assert lines[2].split() == ["worker", "ms/signal", "4.00", "2.00", "0.50"]
+    assert len(lines) == 3  # no stack figure on either side: no row
+
+
+def test_ab_checks_out_each_revision_into_its_own_worktree(tmp_path):
+    import argparse
+    import subprocess
+
+    ab = load("ab")
+    a, b = ab.sides(argparse.Namespace(rev=["HEAD~1", "HEAD"], env=None), tmp_path)
+    try:
+        heads = [subprocess.run(["git", "-C", str(s.tree), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip() for s in (a, b)]
+        expected = [subprocess.run(["git", "-C", str(ab.ROOT), "rev-parse", rev], capture_output=True, text=True,
+                                   check=True).stdout.strip() for rev in ("HEAD~1", "HEAD")]
+        assert heads == expected and (a.tree / "bench" / "throughput.py").exists()
+    finally:
+        for s in (a, b):
+            subprocess.run(["git", "-C", str(ab.ROOT), "worktree", "remove", "--force", str(s.tree)], check=False)
+
+
+@pytest.mark.slow
+def test_ab_script_alternates_two_environments(capsys):
+    a, b = load("ab").main(["--env", "EXECUTION_AGENT_BATCH_WITHIN=0.002", "--env", "EXECUTION_AGENT_BATCH_WITHIN=0.01",
+                            "--rounds", "1", "--", "--signals", "20", "--broker", "kafka"])
+    assert len(a.runs) == len(b.runs) == 1
+    assert all(r["signals/s"] > 0 and r["worker ms/signal"] > 0 for r in a.runs + b.runs)
+    out = capsys.readouterr().out
+    assert "round 1 A:" in out and "round 1 B:" in out and "B / A" in out
+
+
 @pytest.mark.slow
 async def test_latency_script_every_signal_reaches_the_broker(capsys):
     runs = await load("latency").main(["--rates", "50", "--signals", "25", "--timeout", "60", "--broker", "kafka"])
