@@ -73,6 +73,8 @@ same tables and persisted offsets.
 5    test_faust_patches.py::test_a_skipped_range_...        none         Faust commits the gap
      (test_batch.py: retention, changelogs)
 6    test_kafka_io.py::test_the_consumer_thread_hands_...   Kafka        Faust hands records over
+     (test_faust_patches.py::test_a_partition_paused_after_   none         Faust's pause yields them
+     the_hand_over_...: getmany, with 9)
 7    test_faust_patches.py: table manager, worker stop      none         1 s, and >= 2 s to stop
 8    test_faust_patches.py::test_concurrent_seeks_...       none         read offsets != positions
 9    test_faust_patches.py::test_a_paused_partition_...     none         drain re-activates it
@@ -403,8 +405,10 @@ async def _add_gap(self: Consumer, tp: Any, offset_from: int, offset_to: int) ->
 # .529-.534).  Here aiokafka gets a view of the live set that is never empty to it and
 # answers "is this partition active" when it hands records over: a partition paused while
 # the call waits gets nothing handed over.  A partition paused between the hand-over and
-# Faust's ``getmany`` (a few lines of the main thread) is still dropped there, but its pause
-# came before recovery's seek of it (1), which puts the position back.
+# Faust's ``getmany`` (a few lines of the main thread) is still dropped there (getmany reads
+# the live set at each record, and the pause (9) unbuffers the partition:
+# test_faust_patches.py::test_a_partition_paused_after_the_hand_over_...), but its pause came
+# before recovery's seek of it (1), which puts the position back.
 
 
 class _ActiveNow:

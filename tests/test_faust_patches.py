@@ -6,7 +6,8 @@ committed; (7) no fixed sleeps at start and stop, and the cancelled tasks still 
 ``finally`` runs) before the loop closes; (8) seeks to the committed offsets do not overlap;
 (9) a paused partition stays paused while its agent's queue drains.  These faults are in
 Faust's and mode's own code, before any broker: no servers here.  (6) runs on the broker:
-tests/test_kafka_io.py."""
+tests/test_kafka_io.py; its remaining window (a partition paused between the hand-over and
+``getmany``) is here, with (9)."""
 
 from __future__ import annotations
 
@@ -676,3 +677,43 @@ async def test_an_offset_that_cannot_be_written_does_not_stop_the_others(tmp_pat
     await turns(2)
     assert table.data.persisted_offset(TP("offsets-fail-t-changelog", 1)) == 7
     assert table.data.persisted_offset(TP("offsets-fail-t-changelog", 0)) is None
+
+
+# --- 6 and 9. a partition paused between the hand-over and getmany ---------------------------
+
+
+@pytest.mark.parametrize("faust_own", [True, False], ids=["faust-pause", "patched"])
+async def test_a_partition_paused_after_the_hand_over_is_not_yielded_by_getmany(faust_own: bool):
+    """(6, 9) The consumer thread has handed over records of two partitions; before Faust's
+    ``getmany`` yields them, a rebalance pauses one (its agent's queue had filled, so it was
+    also "buffered").  ``getmany`` reads the live set of active partitions at each record: with
+    the patched pause (which unbuffers what it pauses) the paused partition's records are not
+    yielded, so the drain never reads their offsets, and recovery's seek (1) puts the position
+    back before the partition resumes.  The control, Faust's pause, leaves it buffered, and its
+    records are handed to the agents while it is paused."""
+    from faust.transport.utils import DefaultSchedulingStrategy
+
+    paused_tp, active_tp = TP("signals.approved", 0), TP("signals.approved", 1)
+    live = {paused_tp, active_tp}  # Faust's live set of active partitions
+    handed_over = {paused_tp: ["p0", "p1"], active_tp: ["a0", "a1"]}
+
+    async def wait_next_records(timeout: float):
+        return handed_over, live
+
+    stub = SimpleNamespace(
+        _wait_next_records=wait_next_records, _get_active_partitions=lambda: live,
+        _paused_partitions=set(), _buffered_partitions={paused_tp},
+        app=SimpleNamespace(consumer_generation_id=1, monitor=SimpleNamespace(track_tp_end_offset=lambda tp, hw: None)),
+        should_stop=False, flow_active=True, scheduler=DefaultSchedulingStrategy(),
+        _to_message=lambda tp, record: record, highwater=lambda tp: 0,
+    )
+    pause = faust_patches._faust_pause_partitions if faust_own else faust_patches._pause_partitions
+    yielded = []
+    async for tp, message in Consumer.getmany(stub, timeout=1.0):
+        if not yielded:
+            pause(stub, {paused_tp})  # the rebalance, once the first record is out
+        yielded.append(message)
+    assert paused_tp not in live
+    # p0 went out before the pause (delivered: the seek brings it back, a redelivery the
+    # service dedupes); what is left of the paused partition must not follow it.
+    assert yielded == (["p0", "a0", "p1", "a1"] if faust_own else ["p0", "a0", "a1"])
