@@ -6,10 +6,10 @@ is logged once with the wait before the next try; ``stop`` (checked after each f
 up and raises the last error, e.g. when the process is stopping.  Cancellation is never
 retried.  It is a plain loop: it wraps every acknowledged send of the worker (Kafka, and
 JetStream for notifications), where tenacity's per-call machinery cost more than the send's
-own bookkeeping.  :func:`backoff` is the same
-schedule for tenacity's retry loops (status polling in ``app.execution_client``).  (The
-ClickHouse sink's flush keeps its own doubling delay: while it waits it keeps polling the
-paused consumer to stay in its group, so it is a loop, not a retried call.)
+own bookkeeping.  :func:`delay` is the schedule; :func:`backoff` hands the same schedule to
+tenacity's retry loops (status polling in ``app.execution_client``).  (The ClickHouse sink's
+flush keeps its own doubling delay: while it waits it keeps polling the paused consumer to
+stay in its group, so it is a loop, not a retried call.)
 """
 
 from __future__ import annotations
@@ -20,22 +20,22 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from tenacity import wait_exponential
+from tenacity import RetryCallState
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def backoff(initial: float, maximum: float) -> wait_exponential:
-    """``initial``, doubling at each failure, at most ``maximum`` seconds."""
-    return wait_exponential(multiplier=initial, min=initial, max=maximum)
-
-
 def delay(attempt: int, initial: float, maximum: float) -> float:
     """The wait after failed attempt ``attempt`` (1-based): ``initial`` doubling, at most
-    ``maximum`` and never below ``initial`` (what :func:`backoff` gives tenacity)."""
+    ``maximum`` and never below ``initial`` (tenacity's ``wait_exponential`` with those bounds)."""
     # 2.0 ** 1023 is the largest power a float holds: a long outage overflows to inf, not an error.
     return max(initial, min(maximum, initial * 2.0 ** min(attempt - 1, 1023)))
+
+
+def backoff(initial: float, maximum: float) -> Callable[[RetryCallState], float]:
+    """:func:`delay` as a tenacity ``wait``."""
+    return lambda state: delay(state.attempt_number, initial, maximum)
 
 
 async def until_done(

@@ -126,8 +126,9 @@ async def end_to_end(p, n: int, partitions: int) -> tuple[float, float]:
         counts = await topic_counts(p.settings, [EXECUTIONS, ORDERS_STATUS])
         if counts[EXECUTIONS] >= n:
             break
-        if counts[EXECUTIONS] + counts[ORDERS_STATUS] > seen:  # fills, or at least orders moving
-            seen, progress = counts[EXECUTIONS] + counts[ORDERS_STATUS], time.monotonic()
+        moved = counts[EXECUTIONS] + counts[ORDERS_STATUS]  # fills, or at least orders moving
+        if moved > seen:
+            seen, progress = moved, time.monotonic()
         elif time.monotonic() - progress > STALL_SECONDS:
             orders = await p.orders()
             states = Counter(orders[i].state.value if i in orders else "missing" for i in ids)

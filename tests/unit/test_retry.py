@@ -70,21 +70,28 @@ async def test_cancellation_is_never_retried():
     assert attempts == [1]
 
 
-def test_the_delay_doubles_from_initial_to_maximum_as_tenacity_backoff_does():
+def tenacity_wait(wait, attempt: int) -> float:
     from tenacity import RetryCallState
 
+    state = RetryCallState(None, None, (), {})
+    state.attempt_number = attempt
+    return wait(state)
+
+
+def test_the_delay_doubles_from_initial_to_maximum_as_tenacity_wait_exponential_does():
+    from tenacity import wait_exponential
+
     assert [delay(n, 0.2, 5.0) for n in range(1, 8)] == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
-    wait = backoff(0.2, 5.0)
     for n in (1, 2, 3, 5, 6, 40, 2000):
-        state = RetryCallState(None, None, (), {})
-        state.attempt_number = n
-        assert delay(n, 0.2, 5.0) == pytest.approx(wait(state))
+        assert delay(n, 0.2, 5.0) == pytest.approx(tenacity_wait(wait_exponential(multiplier=0.2, min=0.2, max=5.0), n))
     assert delay(10**6, 0.2, 5.0) == 5.0  # hours of outage: no overflow
     for initial, maximum in ((1e-25, 5.0), (1.0, 0.5), (2.0, 1e308)):  # as tenacity: never below initial, reaches maximum
-        wait = backoff(initial, maximum)
-        state = RetryCallState(None, None, (), {})
-        state.attempt_number = 2000
-        assert delay(2000, initial, maximum) == pytest.approx(wait(state)), (initial, maximum)
+        expected = tenacity_wait(wait_exponential(multiplier=initial, min=initial, max=maximum), 2000)
+        assert delay(2000, initial, maximum) == pytest.approx(expected), (initial, maximum)
+
+
+def test_backoff_gives_tenacity_the_delay():
+    assert [tenacity_wait(backoff(0.2, 5.0), n) for n in range(1, 8)] == [delay(n, 0.2, 5.0) for n in range(1, 8)]
 
 
 async def test_each_failure_logs_the_wait_of_the_schedule(caplog):
