@@ -84,6 +84,8 @@ class Route:
     key: Callable[[BaseModel], str]
     #: The key of a dead letter, from the raw payload (a dict, when it is a JSON object).
     dead_letter_key: Callable[[dict], str | None] = lambda d: None
+    #: The setting (ms) of how long the route waits after a short batch before its next fetch.
+    linger_setting: str | None = None
 
 
 #: What a Kafka key taken from an unvalidated payload must look like (``ApprovedSignal.signal_id``).
@@ -144,6 +146,7 @@ ROUTES: tuple[Route, ...] = (
         model=Fill,
         key=lambda f: f.routing_key,  # type: ignore[attr-defined]  # order_id or deal-{deal}
         dead_letter_key=fill_dead_letter_key,
+        linger_setting="bridge_fills_linger_ms",
     ),
 )
 
@@ -163,6 +166,7 @@ def subject_matches(pattern: str, subject: str) -> bool:
 class BridgeStats:
     forwarded: Counter = field(default_factory=Counter)
     dead_lettered: Counter = field(default_factory=Counter)
+    batches: Counter = field(default_factory=Counter)  # by route: JetStream fetches forwarded
     produce_retries: int = 0
 
 
@@ -193,7 +197,8 @@ class Bridge:
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         await ensure_topics(self.settings, sorted({r.topic for r in self.routes} | {r.dlq_topic for r in self.routes}))
-        self._producer = AIOKafkaProducer(**self.settings.producer_options(), enable_idempotence=False)
+        self._producer = AIOKafkaProducer(**self.settings.producer_options(), enable_idempotence=False,
+                                          client_id=f"{self.settings.app_id}-bridge")
         await self._producer.start()
         self._nc = await nats.connect(**self.settings.nats_options(), max_reconnect_attempts=-1)
         js = self._nc.jetstream()
@@ -247,8 +252,19 @@ class Bridge:
         log.info("bridge stopped: forwarded=%s dead_lettered=%s", dict(self.stats.forwarded), dict(self.stats.dead_lettered))
 
     # -- the loop ------------------------------------------------------------------------
+    def linger(self, route: Route) -> float:
+        """Seconds the route waits after a short batch before its next fetch (its setting)."""
+        return getattr(self.settings, route.linger_setting) / 1000.0 if route.linger_setting else 0.0
+
     async def _run_route(self, route: Route, sub) -> None:
+        msgs: list = []
         while not self._stopping.is_set():
+            linger = self.linger(route)
+            if 0 < len(msgs) < self.batch_size and linger > 0:
+                # A short batch: let the next one fill for a moment (a linger, as a Kafka
+                # producer's).  After an empty wait the fetch below answers at the first message.
+                await asyncio.sleep(linger)
+            msgs = []
             try:
                 msgs = await sub.fetch(self.batch_size, timeout=self.fetch_timeout)
             except (asyncio.TimeoutError, nats.errors.TimeoutError):
@@ -281,6 +297,7 @@ class Bridge:
                                on_failure=still_working, logger=log)
         for m in msgs:
             await m.ack()
+        self.stats.batches[route.name] += 1
 
     async def _produce(self, route: Route, msg) -> asyncio.Future:
         assert self._producer is not None

@@ -28,6 +28,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
     return faust.App(
         s.app_id,
         broker=s.kafka_bootstrap,
+        broker_client_id=f"{s.app_id}-worker",  # the broker's logs and quotas tell the clients apart
         store="rocksdb://",
         datadir=str(s.data_dir / "faust"),
         topic_partitions=s.topic_partitions,

@@ -284,6 +284,9 @@ class KafkaServer(Server):
     #: SCRAM users created when the storage is formatted (KRaft keeps them in its metadata):
     #: ``{mechanism: {user: password}}``.
     scram_users: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Log every completed request (API, client id, times) to :attr:`requests_log_path`:
+    #: ``bench/requests.py`` counts them.  Costs the broker CPU: off but for that.
+    request_log: bool = False
 
     @classmethod
     def create(cls, workdir: Path, port: int | None = None, controller_port: int | None = None,
@@ -330,12 +333,20 @@ class KafkaServer(Server):
         props.update(self.extra_properties)
         return props
 
+    @property
+    def requests_log_path(self) -> Path:
+        return self.log_path.with_name(f"{self.name}-requests.log")
+
     def _java_argv(self, main: str, *args: str) -> list[str]:
         assert self.libs is not None
+        logging = [KAFKA_DIR / "log4j2.properties"]
+        if self.request_log:
+            logging.append(KAFKA_DIR / "log4j2-requests.properties")
         return [
             _java(), *KAFKA_JVM_OPTS,
-            f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.properties'}",
+            f"-Dlog4j2.configurationFile={','.join(map(str, logging))}",
             f"-Dexecution.kafka.log={self.log_path}",
+            f"-Dexecution.kafka.requests={self.requests_log_path}",
             "-cp", f"{self.libs}/*", main, *args,
         ]
 
@@ -629,6 +640,8 @@ class LocalStack:
     #: (:class:`Security`: certificates and passwords made at start).
     secure: bool = False
     security: Security | None = None
+    #: Apache Kafka, one plain node only: log every request (:attr:`KafkaServer.request_log`).
+    kafka_request_log: bool = False
 
     def __post_init__(self) -> None:
         if self.broker not in BROKERS:
@@ -637,6 +650,8 @@ class LocalStack:
             raise ValueError("a cluster or a secure stack needs broker='kafka'")
         if self.secure and self.kafka_nodes != 1:
             raise ValueError("a secure stack has one Kafka node")
+        if self.kafka_request_log and (self.broker != "kafka" or self.kafka_nodes != 1 or self.secure):
+            raise ValueError("the request log is for one plain Apache Kafka node")
 
     def start(self) -> "LocalStack":
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -651,7 +666,9 @@ class LocalStack:
             node.scram_users = {self.security.mechanism: {self.security.kafka_user: self.security.kafka_password}}
             self.kafka = node.start()
         elif self.broker == "kafka":
-            self.kafka = KafkaServer.create(self.workdir).start()
+            node = KafkaServer.create(self.workdir)
+            node.request_log = self.kafka_request_log
+            self.kafka = node.start()
         else:
             self.kafka = tansu(free_port(), self.workdir).start()
         try:

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     #: sink's ``/query``); 0: none.
     bridge_web_port: int = Field(8013, ge=0)
     sink_web_port: int = Field(8014, ge=0)
+    #: After a batch of fewer fills than it asks for, the bridge waits this long before its
+    #: next JetStream fetch (ms), so the fills of a busy market leave in fewer, fuller produce
+    #: requests (``bench/requests.py``); a fill after a quiet spell is not delayed.  The
+    #: signals route never waits: a signal's latency to the broker is what is measured.
+    bridge_fills_linger_ms: float = Field(10.0, ge=0.0, le=1000.0)
     #: Where ``execution sql`` sends its query: the sink that owns the embedded chDB.
     sink_url: str = "http://127.0.0.1:8014"
     #: How other workers reach this one's web server (table queries are forwarded to the

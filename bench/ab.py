@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {
     "signals/s": (re.compile(r"end to end NATS -> FILLED order \+ position:\s+([\d.]+) signals/s"), "signals/s"),
     "worker ms/signal": (re.compile(r"^\s+worker-1\s+([\d.]+) ms/signal", re.M), "ms"),
+    "bridge ms/signal": (re.compile(r"^\s+bridge\s+([\d.]+) ms/signal", re.M), "ms"),
+    "broker ms/signal": (re.compile(r"^\s+(?:kafka|tansu)\s+([\d.]+) ms/signal", re.M), "ms"),
     "stack ms/signal": (re.compile(r"^\s+all\s+([\d.]+) ms/signal", re.M), "ms"),
 }
 LOAD = re.compile(r"load average \(1 min\) ([\d.]+) at the start, ([\d.]+) at the end")

@@ -119,6 +119,7 @@ ratio end-to-end / pass-through: 0.01
 CPU per signal during the end-to-end run (33.9 s wall, 1.54 of 2 cores busy):
   worker-1                        3.79 ms/signal  (0.67 cores)
   kafka                           2.58 ms/signal  (0.46 cores)
+  bridge                          0.61 ms/signal  (0.11 cores)
   all                             8.68 ms/signal -> at most 230 signals/s on 2 cores with every core busy
 machine: 2 CPUs; load average (1 min) 0.7 at the start, 2.8 at the end (other processes share this machine)
 """
@@ -126,8 +127,8 @@ machine: 2 CPUs; load average (1 min) 0.7 at the start, 2.8 at the end (other pr
 
 def test_ab_reads_the_figures_and_compares_the_medians():
     ab = load("ab")
-    assert ab.parse(THROUGHPUT_OUTPUT) == {"signals/s": 177.0, "worker ms/signal": 3.79, "stack ms/signal": 8.68,
-                                           "load at start": 0.7}
+    assert ab.parse(THROUGHPUT_OUTPUT) == {"signals/s": 177.0, "worker ms/signal": 3.79, "bridge ms/signal": 0.61,
+                                           "broker ms/signal": 2.58, "stack ms/signal": 8.68, "load at start": 0.7}
     a, b = ab.Side("A", ab.ROOT), ab.Side("B", ab.ROOT)
     a.runs = [{"signals/s": 100.0, "worker ms/signal": 4.0}, {"signals/s": 120.0, "worker ms/signal": 5.0},
               {"signals/s": 300.0, "worker ms/signal": 3.0}]
@@ -258,3 +259,41 @@ async def test_idle_script_measures_the_worker_at_each_fetch_wait(capsys):
     assert "broker: Apache Kafka" in text and "(production profile)" in text and "worker % core" in text
     assert [w for w, _, _ in rows] == [50]
     assert all(worker > 0 and broker > 0 for _, worker, broker in rows)  # a running worker costs something
+
+
+REQUEST_LOG = b"""\
+[unrelated line]
+Completed request:{"requestHeader":{"requestApiKey":0,"clientId":"execution-worker","requestApiKeyName":"PRODUCE"},"request":{"topicData":[{"name":"orders.status"},{"name":"execution-orders-changelog"}]},"localTimeMs":1.5,"remoteTimeMs":0.0}
+Completed request:{"requestHeader":{"requestApiKey":0,"clientId":"execution-worker","requestApiKeyName":"PRODUCE"},"request":{"topicData":[{"name":"execution-signal_orders-changelog"}]},"localTimeMs":0.5,"remoteTimeMs":0.0}
+Completed request:{"requestHeader":{"requestApiKey":0,"clientId":"execution-worker","requestApiKeyName":"PRODUCE"},"request":{"topicData":[{"name":"execution-orders-changelog"}]},"localTimeMs":1.5,"remoteTimeMs":0.0}
+Completed request:{"requestHeader":{"requestApiKey":1,"clientId":"aiokafka-0.12.0","requestApiKeyName":"FETCH"},"request":{},"localTimeMs":1.0,"remoteTimeMs":50.0}
+"""
+
+
+def test_requests_census_counts_by_client_and_what_a_produce_writes(tmp_path):
+    requests = load("requests")
+    log = tmp_path / "kafka-requests.log"
+    log.write_bytes(b"before the window\n" + REQUEST_LOG + b"after the window\n")
+    start = len(b"before the window\n")
+    census = requests.Census.read(log, start, start + len(REQUEST_LOG))
+    assert dict(census.count) == {("execution-worker", "PRODUCE changelog+orders.status"): 1,
+                                  ("execution-worker", "PRODUCE changelog"): 2,
+                                  ("aiokafka (default id)", "FETCH"): 1}
+    assert census.total == 4
+    lines = census.lines(2, "signal")
+    assert lines[1].split() == ["execution-worker", "PRODUCE", "changelog", "1.00", "1.000", "0.0"]  # the most first
+    assert lines[-1].split() == ["all", "2.00"]
+    assert ["aiokafka", "(default", "id)", "FETCH", "0.50", "1.000", "50.0"] in [ln.split() for ln in lines]
+
+
+@pytest.mark.slow
+async def test_requests_script_counts_the_brokers_requests_by_client(capsys):
+    result = await load("requests").main(["--signals", "30", "--warmup", "10"])
+    out = capsys.readouterr().out
+    assert "broker: Apache Kafka" in out and "requests per signal / requests per pass-through message" in out
+    run = result["end_to_end"]
+    # the worker fetched and wrote, the bridge forwarded signals and fills
+    assert run[("execution-worker", "FETCH")] > 0
+    assert any(c == "execution-worker" and api.startswith("PRODUCE") and "changelog" in api for c, api in run)
+    assert any(c == "execution-bridge" and api.startswith("PRODUCE") and "fills" in api for c, api in run)
+    assert any(c == "aiokafka (default id)" and api == "PRODUCE bench.in" for c, api in result["baseline"])

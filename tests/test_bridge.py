@@ -11,9 +11,9 @@ import orjson
 import pytest
 from aiokafka.partitioner import murmur2
 
-from app.bridge import Bridge, subject_matches
+from app.bridge import ROUTES, Bridge, subject_matches
 from app.sample import MALFORMED_CASES, malformed, signal_dict, subject_for
-from app.topics import SIGNALS_APPROVED, SIGNALS_DLQ
+from app.topics import FILLS, SIGNALS_APPROVED, SIGNALS_DLQ
 from support import publish, read_topic, spawn, wait_until
 
 pytestmark = pytest.mark.tansu  # the embedded broker's path (the demo's)
@@ -245,3 +245,29 @@ async def test_dead_letters_are_keyed_by_the_payloads_valid_id(settings, stack):
     for r in sig_dlq + fill_dlq + forwarded:
         if r.key is not None:
             assert r.partition == kafka_partition(r.key, settings.topic_partitions)
+
+
+def fill_payload(deal: int) -> bytes:
+    return orjson.dumps({"order_id": f"ord-{deal}", "deal": deal, "ticket": deal, "symbol": "EURUSD", "side": "buy",
+                         "price": 1.1, "volume": 0.1, "time": "2026-12-06T12:00:00Z"})
+
+
+async def test_fills_arriving_while_the_route_lingers_leave_in_one_batch(settings, stack):
+    """After a short batch the fills route waits ``bridge_fills_linger_ms`` before its next
+    fetch: the first fill after a quiet spell goes at once, those published during the wait
+    go together.  (The wait, 5 s here, is the bridge's own; publishing takes milliseconds.)"""
+    settings = settings.model_copy(update={"bridge_fills_linger_ms": 5000.0})
+    bridge = Bridge(settings)
+    await bridge.start()
+    try:
+        await publish(stack.nats_url, [("mt5.fills.EURUSD", fill_payload(1))])
+        await wait_until(lambda: bridge.stats.forwarded[FILLS] == 1, timeout=4.0, what="the first fill, not delayed")
+        await publish(stack.nats_url, [("mt5.fills.EURUSD", fill_payload(d)) for d in range(2, 22)])
+        await wait_until(lambda: bridge.stats.forwarded[FILLS] == 21, timeout=30.0, what="the fills published meanwhile")
+        assert bridge.stats.batches["bridge-mt5-fills"] == 2
+        # The signals route never lingers.
+        assert Bridge(settings).linger(ROUTES[0]) == 0.0
+    finally:
+        await bridge.stop()
+    fills = await read_topic(settings, FILLS, expect=21)
+    assert sorted(orjson.loads(r.value)["deal"] for r in fills) == list(range(1, 22))
