@@ -100,3 +100,31 @@ async def test_only_the_service_answers_and_only_ops_send_commands(nats_url: str
 async def test_a_wrong_password_is_refused(nats_url: str):
     with pytest.raises(Exception, match="(?i)authorization"):
         await Client().connect(nats_url, "ops", "not-the-password")
+
+
+async def test_the_service_publishes_order_updates_and_alerts_that_ops_receive(nats_url: str):
+    """Every subject the service's notifier publishes (``app.notifier``) is allowed to the
+    service's user, and ops can subscribe to the alerts; readers get order updates only."""
+    service = await Client().connect(nats_url, "execution", PASSWORDS["EXECUTION_NATS_PASSWORD"])
+    ops = await Client().connect(nats_url, "ops", PASSWORDS["OPS_NATS_PASSWORD"])
+    reader = await Client().connect(nats_url, "reader", PASSWORDS["READER_NATS_PASSWORD"])
+    subjects = ["orders.filled.EURUSD", "alerts.execution.slippage", "alerts.execution.reconciliation",
+                "alerts.execution.fills"]
+    try:
+        ops_sub = await ops.nc.subscribe("alerts.execution.>")
+        reader_sub = await reader.nc.subscribe("orders.>")
+        await ops.nc.flush()
+        await reader.nc.flush()
+        for subject in subjects:
+            await service.nc.publish(subject, subject.encode())
+        await service.nc.flush()
+        got = [(await ops_sub.next_msg(timeout=10)).subject for _ in range(3)]
+        assert got == subjects[1:]
+        assert (await reader_sub.next_msg(timeout=10)).subject == "orders.filled.EURUSD"
+        assert service.errors.empty(), service.errors.get_nowait()
+        await reader.nc.subscribe("alerts.execution.>")
+        assert "alerts.execution.>" in await reader.violation()
+    finally:
+        for client in (service, ops, reader):
+            if client.nc is not None:
+                await client.nc.close()
