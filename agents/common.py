@@ -32,7 +32,7 @@ from faust.streams import _current_event
 from app import retry
 from app.faust_patches import table_get
 from app.runtime import Runtime
-from app.topics import MAX_REASON_BYTES, dead_letter_value
+from app.topics import dead_letter_of
 from tables.definitions import Tables
 
 log = logging.getLogger(__name__)
@@ -260,13 +260,7 @@ def dead_letter(dlq: str, event: faust.EventT, reason: str) -> Out:
     """The original bytes (cut when too large for a record), where they came from and why
     they are dead."""
     msg = event.message
-    value, extra = dead_letter_value(msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b""))
-    headers = {
-        "reason": reason.encode(errors="backslashreplace")[:MAX_REASON_BYTES],
-        "topic": msg.topic.encode(),
-        "partition": str(msg.partition).encode(),
-        "offset": str(msg.offset).encode(),
-        **dict(extra),
-    }
+    raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
+    value, headers = dead_letter_of(raw, reason, msg.topic, msg.partition, msg.offset)
     key = msg.key if msg.key is not None else b""
-    return (dlq, key, value, headers)
+    return (dlq, key, value, dict(headers))

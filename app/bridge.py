@@ -21,8 +21,11 @@ holds a batch back.  A message whose subject
 is outside the route's filter is never forwarded (defence in depth: the consumer's filter
 subject already excludes it, e.g. ``signals.rejected.>``).
 
-On SIGTERM the bridge stops fetching, finishes the batch in flight (produce, then ack), and
-closes its clients.
+The way back, Kafka -> NATS (order updates and alerts), is :mod:`app.notifier`, run by the
+bridge beside its routes.
+
+On SIGTERM the bridge stops fetching, finishes the batch in flight (produce, then ack; the
+notifier's: publish, then commit), and closes its clients.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import re
 import signal
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import nats
 import orjson
@@ -54,6 +57,8 @@ from pydantic import BaseModel
 from app import retry
 from app.http_server import ProbeServer
 from app.models import ApprovedSignal, DecodeError, Fill, from_json
+from app.notifier import INPUTS as NOTIFIER_INPUTS
+from app.notifier import Notifier
 from app.settings import Settings
 from app.topics import (
     FILLS,
@@ -61,6 +66,7 @@ from app.topics import (
     MAX_REASON_BYTES,
     SIGNALS_APPROVED,
     SIGNALS_DLQ,
+    SINK_DLQ,
     dead_letter_value,
     ensure_topics,
 )
@@ -180,7 +186,9 @@ class Bridge:
         fetch_timeout: float = 1.0,
         ack_wait: float = 30.0,
         max_payload: int = MAX_PAYLOAD_BYTES,
+        notify: bool = True,
     ) -> None:
+        """``notify``: run the Kafka -> NATS half too (:class:`app.notifier.Notifier`)."""
         self.settings = settings
         self.routes = routes
         self.batch_size = batch_size
@@ -193,10 +201,15 @@ class Bridge:
         self._producer: AIOKafkaProducer | None = None
         self._tasks: list[asyncio.Task] = []
         self._subs: list = []
+        self.notify = notify
+        self.notifier: Notifier | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        await ensure_topics(self.settings, sorted({r.topic for r in self.routes} | {r.dlq_topic for r in self.routes}))
+        topics = {r.topic for r in self.routes} | {r.dlq_topic for r in self.routes}
+        if self.notify:
+            topics |= {*NOTIFIER_INPUTS, SINK_DLQ}
+        await ensure_topics(self.settings, sorted(topics))
         self._producer = AIOKafkaProducer(**self.settings.producer_options(), enable_idempotence=False,
                                           client_id=f"{self.settings.app_id}-bridge")
         await self._producer.start()
@@ -218,6 +231,12 @@ class Bridge:
             )
             self._subs.append(sub)
             self._tasks.append(asyncio.create_task(self._run_route(route, sub), name=route.name))
+        if self.notify:
+            async def jetstream() -> Any:
+                return js
+
+            self.notifier = Notifier(self.settings, jetstream, self._producer)
+            await self.notifier.start()
         log.info("bridge started: %s", ", ".join(f"{r.subject} -> {r.topic}" for r in self.routes))
 
     @property
@@ -226,8 +245,9 @@ class Bridge:
 
     @property
     def routes_running(self) -> bool:
-        """Every route's loop is running (started, not ended)."""
-        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+        """Every route's loop is running (started, not ended), and the notifier's if any."""
+        routes = bool(self._tasks) and not any(t.done() for t in self._tasks)
+        return routes and (self.notifier is None or self.notifier.running)
 
     async def wait(self) -> None:
         await asyncio.gather(*self._tasks)
@@ -237,6 +257,8 @@ class Bridge:
         self._stopping.set()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.notifier is not None:
+            await self.notifier.stop()
         # Every fetched batch is produced and acked by now; pull subscriptions hold no
         # pushed messages, so a plain close is a complete drain (nats drain() would wait
         # for its own timeout on pull subscriptions).
@@ -364,6 +386,11 @@ def bridge_web(bridge: Bridge) -> ProbeServer:
         out = [("bridge_forwarded_total", {"topic": r.topic}, st.forwarded[r.topic]) for r in bridge.routes]
         out += [("bridge_dead_letters_total", {"topic": r.dlq_topic}, st.dead_lettered[r.dlq_topic]) for r in bridge.routes]
         out.append(("bridge_produce_retries_total", {}, st.produce_retries))
+        n = bridge.notifier
+        if n is not None:
+            out += [("bridge_notified_total", {"subject": f"{root}.>"}, n.published[root]) for root in ("orders", "alerts")]
+            out.append(("bridge_dead_letters_total", {"topic": SINK_DLQ}, n.dead_lettered))
+            out.append(("bridge_notify_retries_total", {}, n.publish_retries))
         return out
 
     s = bridge.settings
@@ -373,12 +400,12 @@ def bridge_web(bridge: Bridge) -> ProbeServer:
 async def run_bridge(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain."""
     bridge = Bridge(settings)
-    web = await bridge_web(bridge).start()
-    await bridge.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the start: its routes forward at once
         loop.add_signal_handler(sig, stop.set)
+    web = await bridge_web(bridge).start()
+    await bridge.start()
     await stop.wait()
     log.info("signal received: draining")
     await bridge.stop()

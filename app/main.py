@@ -17,7 +17,7 @@ from typing import Any
 import agents
 import app as app_pkg
 import tables as tables_pkg
-from agents import notify, orders, positions
+from agents import orders, positions
 from agents.common import Context
 from app import watchdog, web
 from app.faust_app import create_app
@@ -38,9 +38,8 @@ context = Context(
 )
 orders_agent = orders.register(context)
 positions_agent = positions.register(context)
-notify.register(context)
 web.register(app, runtime, tables)
-INPUTS = [*orders.INPUTS, *positions.INPUTS, *notify.INPUTS]
+INPUTS = [*orders.INPUTS, *positions.INPUTS]
 dog = watchdog.register(app, settings, INPUTS)
 
 

@@ -90,7 +90,6 @@ COUNTERS: dict[str, str] = {
     "commands_accepted": "cancel, modify and close commands accepted",
     "commands_refused": "commands the order's state refused",
     "dead_letters": "input records dead-lettered, by dead-letter topic",
-    "nats_published": "order snapshots and alerts published to NATS",
     "reconciliations": "position reconciliations run against the broker",
     "reconciliations_failed": "reconciliations that could not get the broker's snapshot",
     "reconciliation_discrepancies": "differences between our positions and the broker's",
@@ -137,7 +136,6 @@ class Runtime:
         self.hub = ConfigHub()
         self.metrics = Metrics()
         self._nc: Any = None
-        self._js: Any = None
         self._mt5: Any = None
         self._lock = asyncio.Lock()
         self._hub_task: asyncio.Task | None = None
@@ -158,7 +156,6 @@ class Runtime:
                         reconnect_time_wait=0.5,
                     )
                     log.info("connected to NATS %s", nc.connected_url.netloc if nc.connected_url else "?")
-                    self._js = nc.jetstream()
                     self._nc = nc
                     self._hub_task = asyncio.create_task(self._start_hub(nc), name="config-hub")
         return self._nc
@@ -169,10 +166,6 @@ class Runtime:
             "config hub unavailable: safe defaults stay", lambda: asyncio.wait_for(self.hub.start(nc), timeout=10),
             initial=1.0, maximum=30.0, on_failure=lambda _exc: self.hub.stop(), logger=log)
         log.info("config hub: following %s (revision %s)", "execution_config/execution", self.hub.revision)
-
-    async def jetstream(self) -> Any:
-        await self.nats()
-        return self._js
 
     async def mt5(self) -> Any:
         from app.mt5.contract import MT5Client

@@ -62,6 +62,19 @@ def dead_letter_value(value: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
     ]
 
 
+def dead_letter_of(value: bytes, reason: str, topic: str, partition: int, offset: int) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value and headers of the dead letter of a record read from Kafka: the original
+    bytes (:func:`dead_letter_value`), why it is dead, and where it was read."""
+    value, extra = dead_letter_value(value)
+    return value, [
+        ("reason", reason.encode(errors="backslashreplace")[:MAX_REASON_BYTES]),
+        ("topic", topic.encode()),
+        ("partition", str(partition).encode()),
+        ("offset", str(offset).encode()),
+        *extra,
+    ]
+
+
 class PartitionCountMismatch(SystemExit):
     """An existing topic has another partition count than the settings.
 

@@ -8,14 +8,15 @@ On one stack (``tests/pipeline.Pipeline``: broker, nats-server, simulator, bridg
    order is FILLED and its fills applied; the worker's CPU per signal (``/proc``);
 2. the records of that run, counted and copied: every record the worker consumed (its
    agents' input topics), every record it produced (its output topics and its tables'
-   changelogs), the JetStream messages its notify agent published, the requests it sent to
-   the connector (one per ``orders.commands`` record: the connector's answers);
+   changelogs), the requests it sent to the connector (one per ``orders.commands`` record:
+   the connector's answers).  (Order updates and alerts reach NATS through the bridge's
+   notifier, not the worker: none are counted here.)
 3. the floor: a plain aiokafka + rocksdict + nats-py loop doing that work and nothing more,
    on its own topics, in this process: consume the copied input records in batches, decode
    each (orjson) and read its key from RocksDB, produce the copied output records
    (``acks=all``, the service's producer settings) and wait for every ack, write the copied
-   changelog records into RocksDB, publish the JetStream messages (each acked) and send the
-   requests to a responder in another process; commit the offsets on the worker's
+   changelog records into RocksDB and send the requests to a responder in another process;
+   commit the offsets on the worker's
    ``commit_interval``.  Its CPU is this process's (``time.process_time``), from its first
    fetch to its last commit; the broker's CPU meanwhile is printed beside it.
 
@@ -47,12 +48,11 @@ import rocksdict
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.bridge import ensure_stream
+from agents import orders, positions
 from app.kafka_io import read_topic, topic_counts
 from app.topics import (
     EXECUTIONS,
     EXECUTIONS_DLQ,
-    FILLS,
     FILLS_DLQ,
     ORDER_EXECUTION_ARCHIVE,
     ORDERS_COMMANDS,
@@ -73,14 +73,11 @@ from bench.throughput import BACKLOG_CONFIG, cpu_seconds, end_to_end, wait_settl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-#: What the worker's agents consume (orders, positions, notify).
-CONSUMED = (SIGNALS_APPROVED, FILLS, ORDERS_COMMANDS, EXECUTIONS, POSITIONS_DISCREPANCIES,
-            ORDERS_STATUS, SLIPPAGE_ALERTS, FILLS_DLQ)
+#: What the worker's agents consume (orders, positions).
+CONSUMED = (*orders.INPUTS, *positions.INPUTS)
 #: What the worker produces besides its changelogs.
 PRODUCED = (ORDERS_COMMANDS, ORDER_EXECUTION_ARCHIVE, ORDERS_STATUS, EXECUTIONS, POSITIONS, SLIPPAGE_ALERTS,
             POSITIONS_DISCREPANCIES, SIGNALS_DLQ, FILLS_DLQ, EXECUTIONS_DLQ, SINK_DLQ)
-#: What the notify agent publishes to JetStream (one message per record).
-PUBLISHED = (ORDERS_STATUS, SLIPPAGE_ALERTS, POSITIONS_DISCREPANCIES, FILLS_DLQ)
 
 FEEDER = """
 import asyncio, pickle, sys, time
@@ -121,7 +118,6 @@ class Work:
         self.consumed: list[tuple[bytes, bytes]] = []
         self.produced: list[tuple[bytes, bytes]] = []
         self.writes: list[tuple[bytes, bytes | None]] = []  # changelog records: RocksDB puts
-        self.published: list[bytes] = []
         self.requests = 0
 
     @classmethod
@@ -138,14 +134,12 @@ class Work:
             w.produced += by_topic[topic]
         for topic in changelogs:
             w.writes += by_topic[topic]
-        for topic in PUBLISHED:
-            w.published += [v for _, v in by_topic[topic]]
         w.requests = len(by_topic[ORDERS_COMMANDS])
         return w
 
     def per_signal(self, n: int) -> str:
         return (f"consumed {len(self.consumed) / n:.2f}, produced {len(self.produced) / n:.2f} "
-                f"(of which changelog {len(self.writes) / n:.2f}), JetStream {len(self.published) / n:.2f}, "
+                f"(of which changelog {len(self.writes) / n:.2f}), "
                 f"NATS requests {self.requests / n:.2f}")
 
 
@@ -176,8 +170,6 @@ async def floor(settings, work: Work, workdir: Path, partitions: int, tag: str,
         if rate is None:
             await asyncio.gather(*[await producer.send(source, v, key=k) for k, v in work.consumed])
         assert responder.stdout.readline().strip() == "ready"
-        js = nc.jetstream()
-        await ensure_stream(js, "FLOOR", ["floor.>"])
         dbs = [rocksdict.Rdict(str(workdir / f"floor-{tag}-{p}.db"), options=rocksdict.Options(raw_mode=True))
                for p in range(partitions)]
         # assigned, not subscribed: no group join in the figure, and the loop reads from the
@@ -192,7 +184,7 @@ async def floor(settings, work: Work, workdir: Path, partitions: int, tag: str,
             dump.write_bytes(pickle.dumps(work.consumed))
             feeder = subprocess.Popen([sys.executable, "-c", FEEDER, settings.kafka_bootstrap_servers, source, str(rate), str(dump)])
         total, done = len(work.consumed), 0
-        taken = {"produced": 0, "writes": 0, "published": 0, "requests": 0}
+        taken = {"produced": 0, "writes": 0, "requests": 0}
         request_ids = list(range(work.requests))
         cpu, wall, broker = time.process_time(), time.perf_counter(), cpu_seconds(broker_pid)
         committed = wall
@@ -215,13 +207,9 @@ async def floor(settings, work: Work, workdir: Path, partitions: int, tag: str,
                     db.delete(k)
                 else:
                     db[k] = v
-            messages, taken["published"] = share(work.published, done, total, taken["published"])
             requests, taken["requests"] = share(request_ids, done, total, taken["requests"])
             await asyncio.gather(
-                *(js.publish("floor.status", m, headers={"Nats-Msg-Id": f"{tag}-{taken['published'] - len(messages) + i}"})
-                  for i, m in enumerate(messages)),
-                *(nc.request("floor.submit", b'{"order_id": "%d", "volume": 0.1}' % i, timeout=10) for i in requests),
-            )
+                *(nc.request("floor.submit", b'{"order_id": "%d", "volume": 0.1}' % i, timeout=10) for i in requests))
             if done >= total or time.perf_counter() - committed >= settings.commit_interval:
                 await consumer.commit()  # on the worker's commit interval, as Faust does
                 committed = time.perf_counter()

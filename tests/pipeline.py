@@ -20,7 +20,7 @@ from app.mt5 import contract
 from app.sample import REFERENCE
 from app.settings import Settings
 from app.topics import EXECUTIONS, ORDER_EXECUTION_ARCHIVE, ORDERS_STATUS, POSITIONS, ensure_topics
-from support import publish
+from support import publish, stream_messages
 
 #: Fast timeouts so stuck-order and retry paths finish within a test.
 TEST_CONFIG = {
@@ -302,27 +302,4 @@ class Pipeline:
 
     async def nats_messages(self, subjects: str = "orders.>", stream: str = "ORDERS") -> list[tuple[str, bytes]]:
         """Every message stored in a JetStream stream under ``subjects``."""
-        nc = await nats.connect(**self._nats_options())
-        try:
-            js = nc.jetstream()
-            try:
-                info = await js.stream_info(stream)
-            except Exception:
-                return []
-            out = []
-            for seq in range(info.state.first_seq, info.state.last_seq + 1):
-                try:
-                    m = await js.get_msg(stream, seq)
-                except Exception:
-                    continue
-                if nats_subject_matches(subjects, m.subject):
-                    out.append((m.subject, m.data))
-            return out
-        finally:
-            await nc.close()
-
-
-def nats_subject_matches(pattern: str, subject: str) -> bool:
-    from app.bridge import subject_matches
-
-    return subject_matches(pattern, subject)
+        return await stream_messages(self._nats_options(), subjects, stream)

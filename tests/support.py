@@ -167,3 +167,28 @@ def monitoring_metric_names() -> set[str]:
 def exported_names(exposition: str) -> set[str]:
     """The metric families of a Prometheus text exposition (from its ``# TYPE`` lines)."""
     return {line.split()[2] for line in exposition.splitlines() if line.startswith("# TYPE ")}
+
+
+async def stream_messages(nats_options: dict, subjects: str, stream: str) -> list[tuple[str, bytes]]:
+    """Every message stored in JetStream stream ``stream`` under ``subjects`` (none if the
+    stream does not exist), as (subject, data)."""
+    from app.bridge import subject_matches
+
+    nc = await nats.connect(**nats_options)
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return []
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                m = await js.get_msg(stream, seq)
+            except nats.js.errors.NotFoundError:
+                continue  # deleted
+            if subject_matches(subjects, m.subject):
+                out.append((m.subject, m.data))
+        return out
+    finally:
+        await nc.close()

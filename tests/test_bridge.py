@@ -271,3 +271,19 @@ async def test_fills_arriving_while_the_route_lingers_leave_in_one_batch(setting
         await bridge.stop()
     fills = await read_topic(settings, FILLS, expect=21)
     assert sorted(orjson.loads(r.value)["deal"] for r in fills) == list(range(1, 22))
+
+
+async def test_a_sigterm_while_the_bridge_starts_is_a_clean_stop(child_env, tmp_path):
+    """The bridge takes SIGTERM from its first log line on (its web server's), not only once
+    every route and the notifier have started: it finishes starting, then drains and exits 0."""
+    log = tmp_path / "bridge.log"
+    proc = spawn(["bridge"], child_env, log)
+    try:
+        await wait_until(lambda: log.exists() and b"HTTP on" in log.read_bytes(), timeout=60, interval=0.01,
+                         what="the bridge's first log line")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert b"draining" in log.read_bytes()

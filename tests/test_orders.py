@@ -257,7 +257,7 @@ async def test_sigusr1_logs_the_consumer_state_of_every_input_partition(pipe: Pi
         assert view["faust"] in (["active"], ["buffered"]), (name, view)
         assert isinstance(view["position"], int) and view["aiokafka_paused"] is False, (name, view)
     # (records waiting in the agent's queue, partitions waiting for its pressure to drop)
-    assert set(state["queues"]) == {"orders", "positions", "notify"}
+    assert set(state["queues"]) == {"orders", "positions"}
     for agent, actors in state["queues"].items():
         assert len(actors) == 1 and all(isinstance(n, int) and n >= 0 for n in actors[0]), (agent, actors)
 
