@@ -79,8 +79,9 @@ class Notifier:
     context, ``producer`` is the bridge's Kafka producer (for dead letters)."""
 
     def __init__(self, settings: Settings, jetstream: Callable[[], Awaitable[Any]], producer: AIOKafkaProducer,
-                 *, batch_size: int = 500) -> None:
+                 *, batch_size: int = 500, ack_timeout: float = 5.0) -> None:
         self.settings = settings
+        self.ack_timeout = ack_timeout
         self.jetstream = jetstream
         self.producer = producer
         self.batch_size = batch_size
@@ -106,7 +107,11 @@ class Notifier:
             group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # a new group publishes what is there: nothing is lost
+            # The broker holds a fetch until this much is there (or the fetch wait ends): a
+            # consumer of its own, fetching at every record, cost the broker more than the
+            # records did.
             fetch_max_wait_ms=s.effective("consumer_fetch_max_wait_ms"),
+            fetch_min_bytes=s.notifier_fetch_min_bytes,
             session_timeout_ms=int(s.effective("broker_session_timeout") * 1000),
             rebalance_timeout_ms=int(s.effective("broker_rebalance_timeout") * 1000),
             heartbeat_interval_ms=int(s.effective("broker_heartbeat_interval") * 1000),
@@ -187,7 +192,14 @@ class Notifier:
             for name, subjects in (ORDERS_STREAM, ALERTS_STREAM):
                 await ensure_stream(js, name, subjects)
             self._streams_ready = True
-        await asyncio.gather(*(js.publish(s, p, headers={"Nats-Msg-Id": i}) for s, p, i in messages))
+        # Published back to back, then every ack awaited (one reply future each, no request
+        # round trip per message); unanswered in time (NATS away): the batch is published again.
+        acks = [await js.publish_async(s, p, headers={"Nats-Msg-Id": i}) for s, p, i in messages]
+        try:
+            await asyncio.wait_for(asyncio.gather(*acks), timeout=self.ack_timeout)
+        finally:
+            for ack in acks:
+                ack.cancel()  # frees its slot among nats-py's pending publishes (a no-op once done)
         for subject, _, _ in messages:
             self.published[subject.split(".", 1)[0]] += 1
 

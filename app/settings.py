@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     #: requests (``bench/requests.py``); a fill after a quiet spell is not delayed.  The
     #: signals route never waits: a signal's latency to the broker is what is measured.
     bridge_fills_linger_ms: float = Field(10.0, ge=0.0, le=1000.0)
+    #: The bridge's notifier (order updates and alerts to NATS) asks the broker to hold each
+    #: fetch until this many bytes are there, or ``consumer_fetch_max_wait_ms`` passed: fewer,
+    #: fuller fetches for at most that wait per update.
+    notifier_fetch_min_bytes: int = Field(16384, ge=1)
     #: Where ``execution sql`` sends its query: the sink that owns the embedded chDB.
     sink_url: str = "http://127.0.0.1:8014"
     #: How other workers reach this one's web server (table queries are forwarded to the
