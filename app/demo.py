@@ -22,16 +22,18 @@ from collections import Counter
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import orjson
 
 from app import hub
 from app.kafka_io import read_topic, topic_counts
 from app.local import LocalStack, Services
 from app.mt5 import contract
+from app.notifier import ALERTS_STREAM, ORDERS_STREAM
 from app.report import render_report
 from app.sample import REFERENCE, malformed, signal_dict, subject_for
 from app.settings import Settings
-from app.topics import FILLS_DLQ, POSITIONS_DISCREPANCIES, SIGNALS_APPROVED, SIGNALS_DLQ, ensure_topics
+from app.topics import FILLS_DLQ, ORDERS_STATUS, POSITIONS_DISCREPANCIES, SIGNALS_APPROVED, SIGNALS_DLQ, ensure_topics
 from tables.reconcile import compare
 
 #: Seed queries of the service description (run unchanged against ClickHouse).
@@ -292,6 +294,10 @@ async def _summary(settings: Settings, store, nats_url: str, web_port: int, mix:
     )
     for d in diffs[:5]:
         lines.append(f"    {d.key}: ours {d.ours_net_volume} broker {d.broker_net_volume}")
+    snapshots = (await topic_counts(settings, [ORDERS_STATUS]))[ORDERS_STATUS]
+    published, alerts = await _nats_counts(nats_url, snapshots)
+    lines.append(f"  NATS (the bridge's notifier): {published} order updates on orders.> (of {snapshots} snapshots on "
+                 f"orders.status), {alerts} alerts on alerts.execution.>")
     counts = await topic_counts(settings, [SIGNALS_APPROVED, SIGNALS_DLQ, FILLS_DLQ, POSITIONS_DISCREPANCIES])
     lines.append(f"  signals on Kafka: {counts[SIGNALS_APPROVED]} (risk-rejected published: {mix.get('risk_rejected', 0)}, forwarded: 0)")
     reasons = Counter()
@@ -302,6 +308,27 @@ async def _summary(settings: Settings, store, nats_url: str, web_port: int, mix:
     for reason, n in reasons.most_common(10):
         lines.append(f"    {n:>5}  {reason[:100]}")
     return "\n".join(lines)
+
+
+async def _nats_counts(nats_url: str, expected: int, timeout: float = 10.0) -> tuple[int, int]:
+    """Messages in JetStream's ``ORDERS`` and ``EXECUTION_ALERTS`` streams, once the order
+    updates reach ``expected`` (the notifier follows the Kafka topic) or after ``timeout``."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+
+        async def count(stream: str) -> int:
+            try:
+                return (await js.stream_info(stream)).state.messages
+            except nats.js.errors.NotFoundError:
+                return 0
+
+        deadline = time.monotonic() + timeout
+        while (published := await count(ORDERS_STREAM[0])) < expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return published, await count(ALERTS_STREAM[0])
+    finally:
+        await nc.close()
 
 
 def run_demo(signals: int = 300, rate: float = 100.0, seed: int = 42, workdir: Path | None = None) -> int:

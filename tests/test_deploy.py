@@ -168,7 +168,7 @@ def test_the_monitoring_uses_only_metrics_the_service_exports():
     FaustSensor.create(registry, "execution_faust")  # the worker's Faust sensor
     worker |= {m.name for m in registry.collect()}
     bridge_sink = {"execution_bridge_forwarded_total", "execution_bridge_dead_letters_total",
-                   "execution_sink_rows_total", "execution_sink_dead_lettered_total", "execution_sink_pending_records"}
+                   "execution_bridge_notify_retries_total", "execution_sink_rows_total", "execution_sink_dead_lettered_total", "execution_sink_pending_records"}
     assert monitoring_metric_names() <= worker | bridge_sink, monitoring_metric_names() - worker - bridge_sink
 
 

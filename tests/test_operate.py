@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import subprocess
 import sys
 import time
@@ -173,6 +174,9 @@ def test_the_demo_command_runs_end_to_end(tmp_path: Path):
     assert "reconciliation: ClickHouse positions vs broker: 0 discrepancies" in out
     assert "dead letters:" in out
     assert "forwarded: 0" in out
+    # every order snapshot reached NATS once, through the bridge's notifier
+    nats_line = re.search(r"NATS \(the bridge's notifier\): (\d+) order updates on orders.> \(of (\d+) snapshots", out)
+    assert nats_line and int(nats_line[1]) == int(nats_line[2]) > 0, out[-3000:]
     assert "internal error" not in out  # no record dead-lettered by a bug
     report = out.split("transaction-cost report:")[-1].strip().splitlines()[0]
     from app.report import CHARTS
