@@ -121,7 +121,8 @@ class Notifier:
         log.info("notifier started: %s -> NATS (group %s)", ", ".join(INPUTS), self.group_id)
 
     async def stop(self) -> None:
-        """Finish the batch in flight (published and committed), then leave the group."""
+        """Finish the batch in flight (published and committed; while NATS is away it is
+        left uncommitted, for whoever reads these partitions next), then leave the group."""
         self._stopping.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
@@ -132,16 +133,17 @@ class Notifier:
         assert self._consumer is not None
         failures = 0
         while not self._stopping.is_set():
-            batch = await self._consumer.getmany(timeout_ms=500, max_records=self.batch_size)
-            if not batch:
-                continue
+            batch: dict[TopicPartition, list] = {}
             try:
-                await self._deliver(batch)
+                batch = await self._consumer.getmany(timeout_ms=500, max_records=self.batch_size)
+                if batch:
+                    await self._deliver(batch)
                 failures = 0
             except Exception:
                 if self._stopping.is_set():
                     return  # given up at the stop: uncommitted, published again by the next owner
-                # Kafka refused a dead letter, say: read the batch again (nothing is skipped).
+                # Kafka away, or it refused a dead letter: the loop goes on (a notifier that
+                # stopped would hold back every update unseen), reading the batch again.
                 failures += 1
                 log.exception("notifier: a batch of %d records failed; reading it again", sum(map(len, batch.values())))
                 self._rewind(batch)

