@@ -109,9 +109,10 @@ BACKLOG_CONFIG = {"operational": {"order_defaults": {"max_signal_age_seconds": 3
 STALL_SECONDS = 60.0
 
 
-async def end_to_end(p, n: int, partitions: int, name: str = "bench") -> tuple[float, float]:
+async def end_to_end(p, n: int, partitions: int, name: str = "bench", stall: float = STALL_SECONDS) -> tuple[float, float]:
     """Publish ``n`` market signals (ids ``{name}-{i}``) and wait until each has its execution;
-    (signals/s end to end, signals/s published).  Sets ``p.cpu`` and ``p.cpu_seconds``."""
+    (signals/s end to end, signals/s published).  Sets ``p.cpu`` and ``p.cpu_seconds``.
+    Raises RuntimeError (with the orders by state) after ``stall`` seconds without progress."""
     from tables.idempotency import order_id_for
 
     await p.hold_reference_prices()
@@ -133,10 +134,10 @@ async def end_to_end(p, n: int, partitions: int, name: str = "bench") -> tuple[f
         moved = counts[EXECUTIONS] + counts[ORDERS_STATUS]  # fills, or at least orders moving
         if moved > seen:
             seen, progress = moved, time.monotonic()
-        elif time.monotonic() - progress > STALL_SECONDS:
+        elif time.monotonic() - progress > stall:
             orders = await p.orders()
             states = Counter(orders[i].state.value if i in orders else "missing" for i in ids)
-            raise RuntimeError(f"nothing new for {STALL_SECONDS:.0f} s: {done} of {n} executions; "
+            raise RuntimeError(f"nothing new for {stall:.0f} s: {done} of {n} executions; "
                                f"orders by state {dict(states)}"
                                f" (logs in {p.workdir})")
         await asyncio.sleep(0.2)

@@ -297,3 +297,19 @@ async def test_requests_script_counts_the_brokers_requests_by_client(capsys):
     assert any(c == "execution-worker" and api.startswith("PRODUCE") and "changelog" in api for c, api in run)
     assert any(c == "execution-bridge" and api.startswith("PRODUCE") and "fills" in api for c, api in run)
     assert any(c == "aiokafka (default id)" and api == "PRODUCE bench.in" for c, api in result["baseline"])
+
+
+@pytest.mark.slow
+async def test_throughput_gives_up_on_a_stack_that_makes_no_progress(tmp_path):
+    """A run whose orders stop moving (here: no worker at all) ends with the orders by state
+    after the stall time, instead of waiting for ever."""
+    from pipeline import Pipeline
+
+    throughput = load("throughput")
+    p = Pipeline(tmp_path, partitions=2, broker="kafka")
+    await p.start(workers=0)
+    try:
+        with pytest.raises(RuntimeError, match=r"nothing new for 2 s: 0 of 5 executions; orders by state \{'missing': 5\}"):
+            await throughput.end_to_end(p, 5, 2, stall=2.0)
+    finally:
+        p.stop()
