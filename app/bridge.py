@@ -37,7 +37,7 @@ import re
 import signal
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import nats
 import orjson
@@ -232,10 +232,7 @@ class Bridge:
             self._subs.append(sub)
             self._tasks.append(asyncio.create_task(self._run_route(route, sub), name=route.name))
         if self.notify:
-            async def jetstream() -> Any:
-                return js
-
-            self.notifier = Notifier(self.settings, jetstream, self._producer)
+            self.notifier = Notifier(self.settings, js, self._producer)
             await self.notifier.start()
         log.info("bridge started: %s", ", ".join(f"{r.subject} -> {r.topic}" for r in self.routes))
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -75,14 +75,14 @@ def nats_message(topic: str, raw: bytes, headers: dict[str, bytes], where: str) 
 
 
 class Notifier:
-    """The Kafka -> NATS half of the bridge: ``jetstream()`` gives the bridge's JetStream
-    context, ``producer`` is the bridge's Kafka producer (for dead letters)."""
+    """The Kafka -> NATS half of the bridge: ``js`` is the bridge's JetStream context,
+    ``producer`` its Kafka producer (for dead letters)."""
 
-    def __init__(self, settings: Settings, jetstream: Callable[[], Awaitable[Any]], producer: AIOKafkaProducer,
+    def __init__(self, settings: Settings, js: Any, producer: AIOKafkaProducer,
                  *, batch_size: int = 500, ack_timeout: float = 5.0) -> None:
         self.settings = settings
         self.ack_timeout = ack_timeout
-        self.jetstream = jetstream
+        self.js = js
         self.producer = producer
         self.batch_size = batch_size
         self.group_id = f"{settings.app_id}-notify"
@@ -102,19 +102,12 @@ class Notifier:
         s = self.settings
         self._consumer = AIOKafkaConsumer(
             *INPUTS,
-            **s.aiokafka_common(),
-            client_id=f"{s.app_id}-notify",
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",  # a new group publishes what is there: nothing is lost
+            **s.group_consumer_options("notify", self.group_id),  # a new group starts at the earliest: nothing lost
             # The broker holds a fetch until this much is there (or the fetch wait ends): a
             # consumer of its own, fetching at every record, cost the broker more than the
             # records did.
             fetch_max_wait_ms=s.effective("consumer_fetch_max_wait_ms"),
             fetch_min_bytes=s.notifier_fetch_min_bytes,
-            session_timeout_ms=int(s.effective("broker_session_timeout") * 1000),
-            rebalance_timeout_ms=int(s.effective("broker_rebalance_timeout") * 1000),
-            heartbeat_interval_ms=int(s.effective("broker_heartbeat_interval") * 1000),
         )
         await self._consumer.start()
         self._task = asyncio.create_task(self._loop(), name="notifier")
@@ -162,9 +155,8 @@ class Notifier:
         dead: list[asyncio.Future] = []
         for records in batch.values():
             for r in records:
-                headers = {k: v for k, v in (r.headers or ())}
                 try:
-                    out = nats_message(r.topic, r.value or b"", headers, f"{r.partition}:{r.offset}")
+                    out = nats_message(r.topic, r.value or b"", dict(r.headers or ()), f"{r.partition}:{r.offset}")
                 except (ValueError, KeyError, TypeError) as exc:  # not a record this service wrote
                     dead.append(await self._dead_letter(r, f"notify: unreadable {r.topic} record: {type(exc).__name__}: {exc}"))
                     continue
@@ -187,7 +179,7 @@ class Notifier:
                         len(offsets), exc)
 
     async def _publish(self, messages: list[tuple[str, bytes, str]]) -> None:
-        js = await self.jetstream()
+        js = self.js
         if not self._streams_ready:
             from app.bridge import ensure_stream
 

@@ -4,9 +4,9 @@
 a broker (Kafka, NATS, ClickHouse) is away, so the step must be safe to repeat.  Each failure
 is logged once with the wait before the next try; ``stop`` (checked after each failure) gives
 up and raises the last error, e.g. when the process is stopping.  Cancellation is never
-retried.  It is a plain loop: it wraps every acknowledged send of the worker (Kafka, and
-JetStream for notifications), where tenacity's per-call machinery cost more than the send's
-own bookkeeping.  :func:`delay` is the schedule; :func:`backoff` hands the same schedule to
+retried.  It is a plain loop: it wraps every acknowledged send of the worker to Kafka (and the
+bridge's to Kafka and JetStream), where tenacity's per-call machinery cost more than the
+send's own bookkeeping.  :func:`delay` is the schedule; :func:`backoff` hands the same schedule to
 tenacity's retry loops (status polling in ``app.execution_client``).  (The ClickHouse sink's
 flush keeps its own doubling delay: while it waits it keeps polling the paused consumer to
 stay in its group, so it is a loop, not a retried call.)

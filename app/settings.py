@@ -170,6 +170,22 @@ class Settings(BaseSettings):
             opts["ssl_context"] = self.kafka_ssl_context()
         return opts
 
+    def group_consumer_options(self, client: str, group_id: str | None = None) -> dict[str, Any]:
+        """aiokafka options of a service's own consumer group (the ClickHouse sink, the
+        bridge's notifier; client id ``{app_id}-{client}``, the group's by default): manual
+        commits, from the earliest record of a new group, and the profile's session, rebalance
+        and heartbeat times."""
+        return {
+            **self.aiokafka_common(),
+            "client_id": f"{self.app_id}-{client}",
+            "group_id": group_id or f"{self.app_id}-{client}",
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "session_timeout_ms": int(self.effective("broker_session_timeout") * 1000),
+            "rebalance_timeout_ms": int(self.effective("broker_rebalance_timeout") * 1000),
+            "heartbeat_interval_ms": int(self.effective("broker_heartbeat_interval") * 1000),
+        }
+
     def kafka_ssl_context(self) -> "ssl.SSLContext":
         """The TLS context of every Kafka client (aiokafka and Faust): the brokers' certificates
         checked against ``kafka_ssl_cafile`` (or the system's CAs), host names verified."""

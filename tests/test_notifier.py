@@ -105,12 +105,7 @@ async def test_a_failed_batch_is_read_again_and_nothing_is_skipped(settings, sta
     producer = RefusingOnce(**settings.producer_options())
     await producer.start()
     nc = await nats.connect(**settings.nats_options())
-    js = nc.jetstream()
-
-    async def jetstream():
-        return js
-
-    notifier = Notifier(settings, jetstream, producer)
+    notifier = Notifier(settings, nc.jetstream(), producer)
     await notifier.start()
     try:
         await wait_until(lambda: all_committed(settings, notifier.group_id), timeout=60, what="offsets committed")

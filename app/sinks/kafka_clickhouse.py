@@ -181,16 +181,7 @@ class ClickHouseSink:
         s = self.settings
         self._producer = AIOKafkaProducer(**s.producer_options(), client_id=f"{s.app_id}-clickhouse-sink")
         await self._producer.start()
-        self._consumer = AIOKafkaConsumer(
-            **s.aiokafka_common(),
-            client_id=f"{s.app_id}-clickhouse-sink",
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=int(s.effective("broker_session_timeout") * 1000),
-            rebalance_timeout_ms=int(s.effective("broker_rebalance_timeout") * 1000),
-            heartbeat_interval_ms=int(s.effective("broker_heartbeat_interval") * 1000),
-        )
+        self._consumer = AIOKafkaConsumer(**s.group_consumer_options("clickhouse-sink", self.group_id))
         self._consumer.subscribe(list(SOURCES), listener=_Listener(self))
         await self._consumer.start()
         self._task = asyncio.create_task(self._loop(), name="clickhouse-sink")
