@@ -263,7 +263,9 @@ async def test_fills_arriving_while_the_route_lingers_leave_in_one_batch(setting
         await publish(stack.nats_url, [("mt5.fills.EURUSD", fill_payload(1))])
         await wait_until(lambda: bridge.stats.forwarded[FILLS] == 1, timeout=10.0, what="the first fill")
         await publish(stack.nats_url, [("mt5.fills.EURUSD", fill_payload(d)) for d in range(2, 22)])
-        await wait_until(lambda: bridge.stats.forwarded[FILLS] == 21, timeout=30.0, what="the fills published meanwhile")
+        # a batch is counted once its NATS acks are sent, after its records are forwarded
+        await wait_until(lambda: bridge.stats.forwarded[FILLS] == 21 and bridge.stats.batches["bridge-mt5-fills"] >= 2,
+                         timeout=30.0, what="the fills published meanwhile, in a second batch")
         assert bridge.stats.batches["bridge-mt5-fills"] == 2
         # The signals route never lingers.
         assert Bridge(settings).linger(ROUTES[0]) == 0.0
