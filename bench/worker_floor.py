@@ -135,6 +135,7 @@ class Work:
         for topic in changelogs:
             w.writes += by_topic[topic]
         w.requests = len(by_topic[ORDERS_COMMANDS])
+        w.by_topic, w.changelogs = by_topic, changelogs
         return w
 
     def per_signal(self, n: int) -> str:

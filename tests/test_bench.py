@@ -232,6 +232,27 @@ async def test_worker_floor_script_repeats_the_records_of_the_run(capsys):
 
 
 @pytest.mark.slow
+async def test_stack_floor_script_passes_every_signal_through_its_floor(capsys):
+    n = 30
+    result = await load("stack_floor").main(["--signals", str(n), "--rates", "--broker", "kafka"])
+    out = capsys.readouterr().out
+    arrivals = result["load"].arrivals
+    # each signal and at least one fill per FILLED order come through the floor's bridge
+    assert sum(1 for kind, _, _ in arrivals if kind == "signal") == n
+    assert sum(1 for kind, _, _ in arrivals if kind == "fill") >= n
+    assert len(result["load"].status) >= 3 * n  # PENDING, SUBMITTED, FILLED: the notifier's work
+    # a floor at the end-to-end rate and a backlog, each signal's request timed at the connector
+    # (floor_run asserts one per signal) and the direct path beside the paced run
+    paced, backlog = result["runs"]
+    assert paced["rate"] == result["e2e"] and backlog["rate"] is None
+    assert len(paced["stack"]) == len(backlog["stack"]) == n and len(paced["direct"]) == n
+    # CPU by process of the stack (a few signals: the connector's may stay under a clock tick)
+    assert set(paced["cpu"]) == {"worker", "broker", "bridge", "nats-server", "simulator"}
+    assert paced["cpu"]["worker"] > 0 and all(f > 0 for f in result["floor_ms"])
+    assert "whole stack / its floor at the same rate" in out and "p50 first/last tenth" in out
+
+
+@pytest.mark.slow
 async def test_throughput_script_with_two_workers(capsys):
     result = await load("throughput").main(["--signals", "40", "--workers", "2", "--broker", "kafka"])
     out = capsys.readouterr().out
