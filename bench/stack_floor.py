@@ -43,7 +43,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -56,11 +55,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from app.topics import FILLS, ORDERS_STATUS, SIGNALS_APPROVED
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.common
-from bench.common import add_broker_arg, broker_line, percentile, run_main  # noqa: E402
-from bench.throughput import BACKLOG_CONFIG, cpu_seconds, end_to_end, passthrough, wait_settled  # noqa: E402
-from bench.worker_floor import CONSUMED, PRODUCED, Work, share  # noqa: E402
+from bench.common import broker_line, percentile, run_main  # noqa: E402
+from bench.throughput import cpu_seconds, end_to_end, passthrough  # noqa: E402
+from bench.worker_floor import CONSUMED, PRODUCED, Work, floor_args, floor_pipeline, share, write_tables  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 BATCH = 256
 SENT = "Floor-Sent"  # header: a signal's publish time (time.time()), NATS -> Kafka -> request
@@ -265,12 +263,7 @@ async def worker_loop(settings, load: Load, workdir: Path, partitions: int, n: d
             await asyncio.gather(*[await producer.send(n["out"], v, key=k) for k, v in other],
                                  *[await producer.send(n["status"], v, key=k) for k, v in status])
             writes, taken["writes"] = share(load.writes, done, total, taken["writes"])
-            for k, v in writes:
-                db = dbs[hash(k) % partitions]
-                if v is None:
-                    db.delete(k)
-                else:
-                    db[k] = v
+            write_tables(dbs, writes)
             more, taken["requests"] = share(extra, done, total, taken["requests"])
             answers += [asyncio.ensure_future(nc.request(n["submit"], b'{"order_id": "x", "volume": 0.1}', timeout=10,
                                                          headers={SENT: s.decode()})) for s in stamps]
@@ -366,19 +359,9 @@ def ms(seconds: float) -> str:
 
 
 async def main(argv: list[str] | None = None) -> dict:
-    from pipeline import Pipeline
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--signals", type=int, default=2000)
-    ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--rates", type=float, nargs="*", default=[300.0], help="signals/s of the paced floor runs")
-    add_broker_arg(ap)
-    args = ap.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-stack-floor-"))
-    p = Pipeline(workdir, partitions=args.partitions, config=BACKLOG_CONFIG, broker=args.broker)
-    await p.start(workers=1)
+    args = floor_args(argv)
+    workdir, p = await floor_pipeline(args, "bench-stack-floor-")
     try:
-        await wait_settled(p)
         raw = await passthrough(p.settings, 20 * args.signals, args.partitions)
         e2e, _ = await end_to_end(p, args.signals, args.partitions)
         service = {k: v for k, v in p.cpu_seconds.items() if not k.startswith("bench")}  # by process

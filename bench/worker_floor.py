@@ -150,6 +150,16 @@ def share(items: list, done: int, total: int, taken: int) -> tuple[list, int]:
     return items[taken:due], due
 
 
+def write_tables(dbs: list, writes: list[tuple[bytes, bytes | None]]) -> None:
+    """The changelog records into the RocksDB partitions (None: a delete), as Faust's store does."""
+    for k, v in writes:
+        db = dbs[hash(k) % len(dbs)]
+        if v is None:
+            db.delete(k)
+        else:
+            db[k] = v
+
+
 async def floor(settings, work: Work, workdir: Path, partitions: int, tag: str,
                 rate: float | None = None, broker_pid: int | None = None) -> tuple[float, float, float]:
     """The loop over the input records, written beforehand (a backlog) or, with ``rate``, by
@@ -202,12 +212,7 @@ async def floor(settings, work: Work, workdir: Path, partitions: int, tag: str,
             out, taken["produced"] = share(work.produced, done, total, taken["produced"])
             await asyncio.gather(*[await producer.send(f"floor.{tag}.out", v, key=k) for k, v in out])
             writes, taken["writes"] = share(work.writes, done, total, taken["writes"])
-            for k, v in writes:
-                db = dbs[hash(k) % partitions]
-                if v is None:
-                    db.delete(k)
-                else:
-                    db[k] = v
+            write_tables(dbs, writes)
             requests, taken["requests"] = share(request_ids, done, total, taken["requests"])
             await asyncio.gather(
                 *(nc.request("floor.submit", b'{"order_id": "%d", "volume": 0.1}' % i, timeout=10) for i in requests))
@@ -226,21 +231,37 @@ async def floor(settings, work: Work, workdir: Path, partitions: int, tag: str,
                 proc.wait()
 
 
-async def main(argv: list[str] | None = None) -> dict:
-    from pipeline import Pipeline
-
+def floor_args(argv: list[str] | None) -> argparse.Namespace:
+    """The floor scripts' arguments: --signals, --partitions, --rates, --broker."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--signals", type=int, default=2000)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--rates", type=float, nargs="*", default=[300.0],
                     help="signals/s at which the floor's input also arrives (besides the end-to-end rate)")
     add_broker_arg(ap)
-    args = ap.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-worker-floor-"))
+    return ap.parse_args(argv)
+
+
+async def floor_pipeline(args: argparse.Namespace, prefix: str):
+    """(workdir, a started and settled stack with one worker) for a floor script's end-to-end run."""
+    from pipeline import Pipeline
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     p = Pipeline(workdir, partitions=args.partitions, config=BACKLOG_CONFIG, broker=args.broker)
-    await p.start(workers=1)
     try:
+        await p.start(workers=1)
         await wait_settled(p)
+    except BaseException:
+        p.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return workdir, p
+
+
+async def main(argv: list[str] | None = None) -> dict:
+    args = floor_args(argv)
+    workdir, p = await floor_pipeline(args, "bench-worker-floor-")
+    try:
         e2e, _ = await end_to_end(p, args.signals, args.partitions)
         worker_ms = 1000 * sum(sec for name, sec in p.cpu_seconds.items() if name.startswith("worker")) / args.signals
         counts = await topic_counts(p.settings, [SIGNALS_APPROVED])
