@@ -37,7 +37,9 @@ Each is written against Faust 0.15 / aiokafka 0.14 (checked at install) and has 
 11. **Batches without polling** (``Stream.take_events``): an agent waiting for its next batch
    woke every batch window (2 ms) with nothing to do, a tenth of a core for an idle worker and
    a quarter of a busy one's CPU per signal (``bench/README.md``); it now waits for the first
-   event, then the window, as before.
+   event, then the window, as before, but no longer than the consumer has records in hand
+   (``Consumer.getmany``): once every fetched record is in the agents' queues and the agent's
+   queue is empty, more can only come with the next fetch, and the batch goes.
 12. **One persisted-offset write per changelog partition and produce round**
    (``Collection._on_changelog_sent``): Faust writes the changelog offset into the partition's
    RocksDB after every acknowledged table write; the acks of one produce response arrive
@@ -155,6 +157,7 @@ def install(settings: Settings) -> None:
     Recovery._seek_offsets = _seek_offsets  # type: ignore[method-assign]
     Recovery.on_partitions_revoked = _on_partitions_revoked  # type: ignore[method-assign]
     Stream.take_events = _take_events  # type: ignore[method-assign]
+    Consumer.getmany = _getmany  # type: ignore[method-assign]
     Collection._on_changelog_sent = _on_changelog_sent  # type: ignore[method-assign]
     _set_bulk(bool(settings.effective("bulk_recovery")), settings)
     _set_consumer(
@@ -771,7 +774,39 @@ async def _bulk_replay(self: Recovery, tps: set, offsets: Any) -> int:
 # times a second per agent), which cost an idle worker about 9 % of a core and a busy one the
 # same in wake-ups that find nothing.  The same generator, but it first waits, without a
 # timeout, for the first event of a batch, then up to ``within`` for the rest or a full buffer,
-# as before.
+# and ends the wait early once the consumer's drain loop has handed every record it fetched
+# to the agents (it waits for the next fetch: ``_drained``) and the agent's own queue is
+# empty: at a trickle a signal no longer waits out the window for records that cannot come
+# before the next fetch; under load a batch still takes everything fetched meanwhile.
+
+
+class _Drained:
+    """Whether the consumer's drain loop holds no fetched record (it waits for the next
+    fetch), and the batches to tell when that becomes true."""
+
+    def __init__(self) -> None:
+        self.is_set = True
+        self.waiters: set[asyncio.Event] = set()
+
+    def set(self) -> None:
+        if not self.is_set:
+            self.is_set = True
+            for waiter in self.waiters:
+                waiter.set()
+
+
+_drained = _Drained()
+_faust_getmany = Consumer.getmany
+
+
+async def _getmany(self: Consumer, timeout: float) -> AsyncGenerator[Any, None]:
+    # Called by the drain loop once the records of the last call are all delivered.
+    _drained.set()
+    first = True
+    async for item in _faust_getmany(self, timeout=timeout):
+        if first:
+            _drained.is_set = first = False
+        yield item
 
 
 _faust_take_events = Stream.take_events
@@ -783,7 +818,9 @@ async def _take_events(self: Stream, max_: int, within: Any) -> AsyncGenerator[S
     events: list[Any] = []
     buffer_full = asyncio.Event()
     buffer_consumed = asyncio.Event()
-    buffer_started = asyncio.Event()  # the one change: set by the first event of a batch
+    buffer_started = asyncio.Event()  # set by the first event of a batch
+    wake = asyncio.Event()  # the buffer is full, or nothing more can come before the next fetch
+    channel = self.channel
     timeout = want_seconds(within) if within else None
     stream_enable_acks: bool = self.enable_acks
     buffer_consuming: asyncio.Future | None = None
@@ -803,8 +840,11 @@ async def _take_events(self: Stream, max_: int, within: Any) -> AsyncGenerator[S
                 raise RuntimeError("Take buffer found current_event is None")
             events.append(event)
             buffer_started.set()
+            if _drained.is_set and channel.empty():
+                wake.set()  # the last record fetched is in the batch
             if len(buffer) >= max_:
                 buffer_full.set()
+                wake.set()
                 buffer_consumed.clear()
                 await self.wait(buffer_consumed)  # type: ignore[arg-type]
         except asyncio.CancelledError:
@@ -820,7 +860,20 @@ async def _take_events(self: Stream, max_: int, within: Any) -> AsyncGenerator[S
     try:
         while not self.should_stop:
             await self.wait_for_stopped(buffer_started)  # type: ignore[arg-type]
-            await self.wait_for_stopped(buffer_full, timeout=timeout)  # type: ignore[arg-type]
+            if timeout is not None:
+                deadline = self.loop.time() + timeout
+                _drained.waiters.add(wake)
+                try:
+                    while not buffer_full.is_set() and not (_drained.is_set and channel.empty()):
+                        remaining = deadline - self.loop.time()
+                        if remaining <= 0:
+                            break
+                        wake.clear()
+                        await self.wait_for_stopped(wake, timeout=remaining)  # type: ignore[arg-type]
+                finally:
+                    _drained.waiters.discard(wake)
+            else:
+                await self.wait_for_stopped(buffer_full)  # type: ignore[arg-type]
             if buffer:
                 buffer_consuming = self.loop.create_future()
                 try:

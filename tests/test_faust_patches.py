@@ -596,6 +596,43 @@ async def test_an_idle_agent_does_not_poll_for_its_next_batch(faust_own: bool, m
         assert idle <= 1, waits
 
 
+@pytest.mark.parametrize("in_hand", [False, True], ids=["drained", "records-in-hand"])
+async def test_a_batch_waits_for_records_only_while_the_consumer_has_them(in_hand: bool, monkeypatch):
+    """(11) With a window far longer than the test may wait: while the consumer's drain loop
+    still holds fetched records, the batch waits for them (two events, one batch, once the
+    loop is drained); with none in hand, a lone event goes at once instead of waiting out
+    the window (Faust's own generator, the control, would hold it for the whole window)."""
+    import faust
+
+    install(Settings())
+    drained = faust_patches._Drained()
+    drained.is_set = not in_hand
+    monkeypatch.setattr(faust_patches, "_drained", drained)
+    app = faust.App(f"window-{in_hand}", autodiscover=False)
+    batches: list[list[int]] = []
+
+    @app.agent()
+    async def take(stream):
+        async for events in stream.take_events(10, within=3600):
+            batches.append([e.value for e in events])
+
+    async with take.test_context() as agent:
+        await agent.put(0)
+        if in_hand:
+            await agent.put(1)
+            started = time.monotonic() + 10
+            while not drained.waiters:  # the batch has begun and waits
+                assert time.monotonic() < started
+                await asyncio.sleep(0.01)
+            assert batches == []
+            drained.set()  # the drain loop asks for the next fetch
+        deadline = time.monotonic() + 10
+        while not batches:
+            assert time.monotonic() < deadline, "the batch waited out the window"
+            await asyncio.sleep(0.01)
+    assert batches == ([[0, 1]] if in_hand else [[0]])
+
+
 # --- 12. persisted offsets, and table_get ---------------------------------------------------
 
 
