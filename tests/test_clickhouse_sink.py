@@ -3,6 +3,7 @@ a temporary directory: loading, dead letters, a ClickHouse outage, and a restart
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -16,7 +17,7 @@ from app.models import Execution, Order, OrderIntent, OrderState, OrderType, Pos
 from app.settings import Settings
 from app.sinks.clickhouse import TABLES, ClickHouseStore, to_row
 from app.sinks.kafka_clickhouse import ClickHouseSink
-from app.topics import EXECUTIONS, ORDERS_STATUS, POSITIONS, SINK_DLQ, ensure_topics
+from app.topics import EXECUTIONS, MAX_DEAD_LETTER_BYTES, ORDERS_STATUS, POSITIONS, SINK_DLQ, ensure_topics
 import support
 from support import FlakyStore, read_topic, wait_until
 from tables.order_types import MAGIC
@@ -340,3 +341,35 @@ async def test_sink_upgrades_an_old_database_and_stores_the_new_columns(topics: 
     finally:
         await sink.stop()
         store.close()
+
+
+async def test_a_bad_record_too_large_to_send_again_whole_is_dead_lettered_cut(topics: Settings, dsn: str) -> None:
+    """A record that fits in a produce request alone but not with the dead letter's headers:
+    its dead letter is cut (truncated, original_size, sha256) and the sink goes on; sent
+    whole, the producer refused it every time and the partition stood still."""
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    settings = topics
+    key, limit = b"o-huge", 1048576  # aiokafka's default max_request_size
+    size = limit
+    while DefaultRecordBatchBuilder.estimate_size_in_bytes(key, b"x" * size, []) > limit - 8:
+        size -= 1
+    huge = b"<" + b"x" * (size - 1)  # not JSON
+    first, after = order_records(range(1, 2)), order_records(range(2, 3))
+    await produce(settings, first + [(ORDERS_STATUS, key, huge)] + after)
+    store = ClickHouseStore.from_dsn(dsn)
+    store.ensure_schema()
+    sink = ClickHouseSink(settings, store=store, batch_size=50, flush_interval=0.2)
+    try:
+        await sink.start()
+        await sink.wait_idle(timeout=30)
+        check_loaded(store, orders=2, executions=0)  # the order after it too
+        assert sink.stats["dead_lettered"] == 1
+    finally:
+        await sink.stop()
+        store.close()
+    (dead,) = await read_topic(settings, SINK_DLQ, expect=1, idle=0.5)
+    assert dead.key == key and dead.value == huge[:MAX_DEAD_LETTER_BYTES]
+    assert dead.headers["truncated"] == b"1" and dead.headers["original_size"] == str(len(huge)).encode()
+    assert dead.headers["sha256"] == hashlib.sha256(huge).hexdigest().encode()
+    assert b"malformed JSON" in dead.headers["reason"] and dead.headers["topic"] == ORDERS_STATUS.encode()

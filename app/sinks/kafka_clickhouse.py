@@ -12,8 +12,9 @@ Delivery: at-least-once into idempotent tables.
 
 - Records are decoded into the models; a bad one (malformed JSON, failed validation, a value
   ClickHouse cannot store, an empty value) goes to ``sink.dlq`` with the original key and
-  value and headers ``reason``/``topic``/``partition``/``offset``; the produce is awaited
-  before the record counts as done.
+  value (cut at 512 KiB, as every dead letter: :func:`app.topics.dead_letter_of`) and headers
+  ``reason``/``topic``/``partition``/``offset``; the produce is awaited before the record
+  counts as done.
 - Rows are buffered per table and inserted in batches (``batch_size`` records or
   ``flush_interval`` seconds, whichever first).  Offsets are committed only after every table
   of the batch was inserted.
@@ -67,6 +68,7 @@ from app.topics import (
     POSITIONS_DISCREPANCIES,
     SIGNALS_DLQ,
     SINK_DLQ,
+    dead_letter_of,
     ensure_topics,
 )
 from tables.reconcile import Discrepancy
@@ -371,18 +373,17 @@ class ClickHouseSink:
 
     async def _dead_letter(self, m: Any, reason: str, generation: int) -> bool:
         """Produce to sink.dlq, awaited; retried until it works.  False if revoked/stopping."""
-        headers = [
-            ("reason", reason.encode()[:1000]),
-            ("topic", m.topic.encode()),
-            ("partition", str(m.partition).encode()),
-            ("offset", str(m.offset).encode()),
-        ]
+        # the agents' and the notifier's form: a value too large to send again with the headers
+        # is cut (truncated, original_size, sha256), or the send would fail for ever
+        value, headers = dead_letter_of(m.value or b"", reason, m.topic, m.partition, m.offset)
+        if m.value is None:
+            value = None  # a tombstone stays one
         assert self._producer is not None
         producer = self._producer
         try:
             await retry.until_done(
                 f"clickhouse sink: dead-lettering {m.topic}[{m.partition}]@{m.offset} failed",
-                lambda: producer.send_and_wait(SINK_DLQ, value=m.value, key=m.key, headers=headers),
+                lambda: producer.send_and_wait(SINK_DLQ, value=value, key=m.key, headers=headers),
                 initial=self.retry_initial, maximum=self.retry_max,
                 stop=lambda: self._stopping or self._generation != generation, logger=log)
         except Exception:
