@@ -357,9 +357,8 @@ async def test_a_bad_record_too_large_to_send_again_whole_is_dead_lettered_cut(t
     huge = b"<" + b"x" * (size - 1)  # not JSON
     first, after = order_records(range(1, 2)), order_records(range(2, 3))
     await produce(settings, first + [(ORDERS_STATUS, key, huge)] + after)
-    store = ClickHouseStore.from_dsn(dsn)
-    store.ensure_schema()
-    sink = ClickHouseSink(settings, store=store, batch_size=50, flush_interval=0.2)
+    store = ClickHouseStore.from_dsn(dsn)  # the sink makes the schema
+    sink = ClickHouseSink(settings, store=store, flush_interval=0.1)
     try:
         await sink.start()
         await sink.wait_idle(timeout=30)
