@@ -324,7 +324,7 @@ async def floor_run(settings, load: Load, workdir: Path, partitions: int, tag: s
             await direct(nc, n, rate, load.signals)
         procs["bridge"] = spawn("bridge", settings, tag, producer=orjson.dumps(
             {**settings.producer_options(), "enable_idempotence": False}).decode())
-        counted = {"bridge (floor)": procs["bridge"].pid, "connector (floor)": procs["connector"].pid, **pids}
+        counted = {"bridge": procs["bridge"].pid, "simulator": procs["connector"].pid, **pids}  # by role
         before = {k: cpu_seconds(v) for k, v in counted.items()}
         wall = time.perf_counter()
         if rate is not None:
@@ -340,7 +340,7 @@ async def floor_run(settings, load: Load, workdir: Path, partitions: int, tag: s
         if rate is not None:
             source_cpu = cpu_seconds(procs["source"].pid) - source_cpu
         cpu = {k: cpu_seconds(v) - before[k] for k, v in counted.items()}
-        cpu["worker (floor)"] = worker
+        cpu["worker"] = worker
         seen = orjson.loads((await nc.request(n["report"], b"", timeout=10)).data)
         assert len(seen["stack"]) == load.signals, (len(seen["stack"]), load.signals)
         tenth = max(1, len(seen["stack"]) // 10)  # in order of arrival: a queue shows as a growing latency
@@ -364,11 +364,14 @@ async def main(argv: list[str] | None = None) -> dict:
     try:
         raw = await passthrough(p.settings, 20 * args.signals, args.partitions)
         e2e, _ = await end_to_end(p, args.signals, args.partitions)
-        service = {k: v for k, v in p.cpu_seconds.items() if not k.startswith("bench")}  # by process
-        publisher = sum(v for k, v in p.cpu_seconds.items() if k.startswith("bench"))
+        by_process = p.cpu_seconds
+        service = {"broker": by_process[p.stack.broker], "nats-server": by_process["nats-server"],
+                   "bridge": by_process["bridge"], "simulator": by_process["sim"],
+                   "worker": sum(v for k, v in by_process.items() if k.startswith("worker"))}  # by role, as the floor's
+        publisher = sum(v for k, v in by_process.items() if k.startswith("bench"))
         load = await Load.of_run(p.settings)
         p.services.stop_all()  # the floor has the broker and nats-server to itself
-        pids = {p.stack.broker: p.stack.kafka.pid, "nats-server": p.stack.nats.pid}
+        pids = {"broker": p.stack.kafka.pid, "nats-server": p.stack.nats.pid}
         # first at the end-to-end rate: the batch sizes the service saw, the fair comparison
         runs = [await floor_run(p.settings, load, workdir, args.partitions, f"r{i}", rate, pids)
                 for i, rate in enumerate([e2e, *args.rates])]
@@ -383,12 +386,6 @@ async def main(argv: list[str] | None = None) -> dict:
         print(f"  {'signals/s':30}{e2e:15.0f}" + "".join(f"{n / r['wall']:15.0f}" for r in runs))
         print(f"  {'  of the pass-through':30}{e2e / raw:15.2%}" + "".join(f"{n / r['wall'] / raw:15.2%}" for r in runs))
         print("  CPU ms/signal:")
-        service = {"broker": service.pop(p.stack.broker), "nats-server": service.pop("nats-server"),
-                   "bridge": service.pop("bridge"), "simulator": service.pop("sim"), "worker": sum(service.values())}
-        for r in runs:
-            cpu = r["cpu"]
-            r["cpu"] = {"broker": cpu[p.stack.broker], "nats-server": cpu["nats-server"], "bridge": cpu["bridge (floor)"],
-                        "simulator": cpu["connector (floor)"], "worker": cpu["worker (floor)"]}
         labels = {"broker": f"{p.stack.broker} (the broker)", "simulator": "simulator | floor's connector"}
         for name in ("worker", "broker", "bridge", "nats-server", "simulator"):
             print(f"    {labels.get(name, name):28}{1000 * service[name] / n:15.2f}"
