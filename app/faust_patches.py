@@ -821,6 +821,10 @@ async def _take_events(self: Stream, max_: int, within: Any) -> AsyncGenerator[S
     buffer_started = asyncio.Event()  # set by the first event of a batch
     wake = asyncio.Event()  # the buffer is full, or nothing more can come before the next fetch
     channel = self.channel
+
+    def nothing_more() -> bool:
+        """Every fetched record is delivered and none waits in this agent's queue."""
+        return _drained.is_set and channel.empty()
     timeout = want_seconds(within) if within else None
     stream_enable_acks: bool = self.enable_acks
     buffer_consuming: asyncio.Future | None = None
@@ -840,7 +844,7 @@ async def _take_events(self: Stream, max_: int, within: Any) -> AsyncGenerator[S
                 raise RuntimeError("Take buffer found current_event is None")
             events.append(event)
             buffer_started.set()
-            if _drained.is_set and channel.empty():
+            if nothing_more():
                 wake.set()  # the last record fetched is in the batch
             if len(buffer) >= max_:
                 buffer_full.set()
@@ -864,7 +868,7 @@ async def _take_events(self: Stream, max_: int, within: Any) -> AsyncGenerator[S
                 deadline = self.loop.time() + timeout
                 _drained.waiters.add(wake)
                 try:
-                    while not buffer_full.is_set() and not (_drained.is_set and channel.empty()):
+                    while not buffer_full.is_set() and not nothing_more():
                         remaining = deadline - self.loop.time()
                         if remaining <= 0:
                             break

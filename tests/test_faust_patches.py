@@ -16,6 +16,7 @@ import threading
 import time
 from collections import defaultdict
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from faust.tables.manager import TableManager
@@ -554,11 +555,26 @@ async def test_records_fausts_replay_took_meanwhile_are_written_before_the_bulks
 # --- 11. batches without polling --------------------------------------------------------------
 
 
+def batch_taker(name: str, within: float) -> tuple[Any, list[list[int]]]:
+    """An agent of an app of its own taking batches of up to 10 events within ``within``
+    seconds, and the values of the batches it took."""
+    import faust
+
+    app = faust.App(name, autodiscover=False)
+    batches: list[list[int]] = []
+
+    @app.agent()
+    async def take(stream):
+        async for events in stream.take_events(10, within=within):
+            batches.append([e.value for e in events])
+
+    return take, batches
+
+
 @pytest.mark.parametrize("faust_own", [True, False], ids=["faust", "patched"])
 async def test_an_idle_agent_does_not_poll_for_its_next_batch(faust_own: bool, monkeypatch):
     """(11) Faust's ``take_events`` wakes every batch window while nothing arrives (the
     control); the patched one waits for the first event.  Both hand over the same batches."""
-    import faust
     from faust import Stream
 
     install(Settings())
@@ -572,13 +588,7 @@ async def test_an_idle_agent_does_not_poll_for_its_next_batch(faust_own: bool, m
         return await own_wait(self, *args, **kwargs)
 
     monkeypatch.setattr(Stream, "wait_for_stopped", counting)
-    app = faust.App(f"take-{faust_own}", autodiscover=False)
-    batches: list[list[int]] = []
-
-    @app.agent()
-    async def take(stream):
-        async for events in stream.take_events(10, within=0.002):
-            batches.append([e.value for e in events])
+    take, batches = batch_taker(f"take-{faust_own}", within=0.002)
 
     async with take.test_context() as agent:
         await asyncio.sleep(0.2)  # the idle window whose wake-ups are counted (100 batch windows)
@@ -602,19 +612,11 @@ async def test_a_batch_waits_for_records_only_while_the_consumer_has_them(in_han
     still holds fetched records, the batch waits for them (two events, one batch, once the
     loop is drained); with none in hand, a lone event goes at once instead of waiting out
     the window (Faust's own generator, the control, would hold it for the whole window)."""
-    import faust
-
     install(Settings())
     drained = faust_patches._Drained()
     drained.is_set = not in_hand
     monkeypatch.setattr(faust_patches, "_drained", drained)
-    app = faust.App(f"window-{in_hand}", autodiscover=False)
-    batches: list[list[int]] = []
-
-    @app.agent()
-    async def take(stream):
-        async for events in stream.take_events(10, within=3600):
-            batches.append([e.value for e in events])
+    take, batches = batch_taker(f"window-{in_hand}", within=3600)
 
     async with take.test_context() as agent:
         await agent.put(0)
